@@ -1,0 +1,291 @@
+"""Architecture as plain frozen data, with exact accounting and HF config I/O.
+
+A model is a tuple of per-layer `BlockSpec`s, each holding an attention and an FFN
+sub-block spec. Everything here is hashable, so an `Arch` can be a static argument
+of `jax.jit`. Params are separate pytrees (see `puzzle_jax.model`).
+
+Axis legend used across the package:
+  B batch, L sequence (queries), S keys / cache slots, D hidden, N query heads,
+  K kv heads, H head dim, F FFN width, V vocab, C candidates, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable
+
+# Sub-block kinds.
+ATTN_KINDS = ("gqa", "linear", "noop")
+FFN_KINDS = ("swiglu", "linear", "noop", "moe")
+
+# Bytes per element for the dtypes we account for.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "float8_e4m3fn": 1, "int8": 1}
+
+
+class ArchError(ValueError):
+  """A config or architecture that cannot be represented; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnSpec:
+  """Attention sub-block. `gqa`: grouped-query attention; `linear`: one DxD map; `noop`: skipped."""
+  kind: str = "gqa"
+  num_kv_heads: int | None = None  # gqa only; must divide the query head count.
+  window: int | None = None  # sliding-window length in tokens (None = full causal context).
+  num_sink_tokens: int | None = None  # reserved for gpt-oss attention sinks.
+  bias: bool = False  # q/k/v/o biases (gpt-oss, Qwen); Llama has none.
+
+  def __post_init__(self):
+    if self.kind not in ATTN_KINDS:
+      raise ArchError(f"attention kind {self.kind!r} unknown; use one of {ATTN_KINDS}")
+    if self.kind == "gqa" and (self.num_kv_heads is None or self.num_kv_heads < 1):
+      raise ArchError("gqa attention needs num_kv_heads >= 1")
+    if self.window is not None and self.window < 1:
+      raise ArchError(f"window must be >= 1, got {self.window}")
+
+  @property
+  def has_cache(self) -> bool:
+    return self.kind == "gqa"
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNSpec:
+  """FFN sub-block. `swiglu`: gated MLP of width F; `linear`: one DxD map; `noop`; `moe`."""
+  kind: str = "swiglu"
+  intermediate_size: int | None = None  # swiglu width, or per-expert width for moe.
+  num_experts: int | None = None  # moe only.
+  top_k: int | None = None  # moe only.
+
+  def __post_init__(self):
+    if self.kind not in FFN_KINDS:
+      raise ArchError(f"FFN kind {self.kind!r} unknown; use one of {FFN_KINDS}")
+    if self.kind in ("swiglu", "moe") and not self.intermediate_size:
+      raise ArchError(f"{self.kind} FFN needs intermediate_size > 0")
+    if self.kind == "moe" and not (self.num_experts and self.top_k):
+      raise ArchError("moe FFN needs num_experts and top_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  attn: AttnSpec
+  ffn: FFNSpec
+  # Blocks (or FFNs) with the same non-None group id read the same input and add their
+  # outputs (FFN Fusion / block parallelism). None = ordinary sequential block.
+  parallel_group: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+  theta: float = 10000.0
+  rope_type: str = "default"  # "default" or "llama3".
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """A whole decoder-only LM: global dims plus one BlockSpec per layer."""
+  vocab_size: int
+  hidden_size: int
+  num_heads: int
+  head_dim: int
+  blocks: tuple[BlockSpec, ...]
+  rms_eps: float = 1e-5
+  rope: RopeSpec = RopeSpec()
+  tie_embeddings: bool = False
+  max_position: int = 8192
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    for i, b in enumerate(self.blocks):
+      if b.attn.kind == "gqa" and self.num_heads % b.attn.num_kv_heads:
+        raise ArchError(f"layer {i}: num_kv_heads={b.attn.num_kv_heads} does not divide "
+                        f"num_heads={self.num_heads}; pick a divisor")
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.blocks)
+
+  def replace_block(self, i: int, *, attn: AttnSpec | None = None, ffn: FFNSpec | None = None) -> Arch:
+    b = self.blocks[i]
+    nb = BlockSpec(attn or b.attn, ffn or b.ffn, b.parallel_group)
+    return dataclasses.replace(self, blocks=self.blocks[:i] + (nb,) + self.blocks[i + 1:])
+
+  # ---------------------------------------------------------------- accounting
+  def attn_params(self, a: AttnSpec) -> int:
+    return attn_params(a, self.hidden_size, self.num_heads, self.head_dim)
+
+  def ffn_params(self, f: FFNSpec) -> int:
+    return ffn_params(f, self.hidden_size)
+
+  def block_params(self, i: int) -> int:
+    b = self.blocks[i]
+    return self.attn_params(b.attn) + self.ffn_params(b.ffn)
+
+  def fixed_params(self) -> int:
+    """Embedding, final norm and (untied) LM head."""
+    emb = self.vocab_size * self.hidden_size
+    return emb + self.hidden_size + (0 if self.tie_embeddings else emb)
+
+  def num_params(self) -> int:
+    return self.fixed_params() + sum(self.block_params(i) for i in range(self.num_layers))
+
+  def weight_bytes(self, dtype: str = "bfloat16") -> int:
+    return self.num_params() * DTYPE_BYTES[dtype]
+
+  def kv_bytes_per_token(self, dtype: str = "bfloat16") -> int:
+    """KV-cache bytes one token occupies, summed over layers (from head_dim, not D/N)."""
+    return sum(kv_bytes_per_token(b.attn, self.head_dim, dtype) for b in self.blocks)
+
+  def kv_cache_bytes(self, batch: int, context: int, dtype: str = "bfloat16") -> int:
+    return sum(batch * min(context, b.attn.window or context) * kv_bytes_per_token(b.attn, self.head_dim, dtype)
+               for b in self.blocks)
+
+  def flops_per_token(self, context: int, mode: str = "decode") -> int:
+    """Forward FLOPs for one token (2 per MAC), LM head included.
+
+    decode: the token attends to `context` keys. prefill: a causal prompt of length
+    `context`, averaged per token ((context+1)/2 keys each, capped by the window).
+    """
+    total = 2 * self.vocab_size * self.hidden_size
+    for b in self.blocks:
+      total += attn_flops(b.attn, self.hidden_size, self.num_heads, self.head_dim, context, mode)
+      total += ffn_flops(b.ffn, self.hidden_size)
+    return total
+
+  def summary_rows(self) -> list[dict[str, Any]]:
+    rows = []
+    for i, b in enumerate(self.blocks):
+      rows.append(dict(layer=i, attn=describe_attn(b.attn), ffn=describe_ffn(b.ffn),
+                       params=self.block_params(i),
+                       kv_bytes_per_token=kv_bytes_per_token(b.attn, self.head_dim, "bfloat16")))
+    return rows
+
+  def table(self) -> str:
+    """A printable per-layer architecture table with totals."""
+    lines = [f"{'layer':>5}  {'attention':<16} {'ffn':<16} {'params':>12} {'kv B/tok':>9}"]
+    for r in self.summary_rows():
+      lines.append(f"{r['layer']:>5}  {r['attn']:<16} {r['ffn']:<16} {r['params']:>12,} "
+                   f"{r['kv_bytes_per_token']:>9,}")
+    lines.append(f"total params {self.num_params():,}  (fixed {self.fixed_params():,}); "
+                 f"KV {self.kv_bytes_per_token():,} B/token bf16; "
+                 f"decode {self.flops_per_token(1024) / 1e6:.1f} MFLOP/token @1024")
+    return "\n".join(lines)
+
+  # ---------------------------------------------------------------- HF config I/O
+  @classmethod
+  def from_hf_config(cls, cfg: dict[str, Any]) -> Arch:
+    from puzzle_jax import hf_config
+    return hf_config.arch_from_hf(cfg)
+
+  def to_hf_config(self, *, dtype: str = "bfloat16") -> dict[str, Any]:
+    from puzzle_jax import hf_config
+    return hf_config.arch_to_hf(self, dtype=dtype)
+
+
+def describe_attn(a: AttnSpec) -> str:
+  if a.kind != "gqa":
+    return a.kind
+  return f"gqa kv={a.num_kv_heads}" + (f" w={a.window}" if a.window else "")
+
+
+def describe_ffn(f: FFNSpec) -> str:
+  if f.kind == "swiglu":
+    return f"swiglu {f.intermediate_size}"
+  if f.kind == "moe":
+    return f"moe {f.num_experts}x{f.intermediate_size} k{f.top_k}"
+  return f.kind
+
+
+def attn_params(a: AttnSpec, d: int, n: int, h: int) -> int:
+  if a.kind == "noop":
+    return 0
+  if a.kind == "linear":
+    return d * d + d  # map + input norm
+  k = a.num_kv_heads
+  p = d * n * h * 2 + d * k * h * 2 + d  # q, o, k, v, input norm
+  if a.bias:
+    p += n * h + 2 * k * h + d
+  if a.num_sink_tokens:
+    p += n
+  return p
+
+
+def ffn_params(f: FFNSpec, d: int) -> int:
+  if f.kind == "noop":
+    return 0
+  if f.kind == "linear":
+    return d * d + d
+  if f.kind == "swiglu":
+    return 3 * d * f.intermediate_size + d
+  return f.num_experts * 3 * d * f.intermediate_size + d * f.num_experts + d  # experts + router + norm
+
+
+def kv_bytes_per_token(a: AttnSpec, head_dim: int, dtype: str) -> int:
+  return 2 * a.num_kv_heads * head_dim * DTYPE_BYTES[dtype] if a.has_cache else 0
+
+
+def attn_flops(a: AttnSpec, d: int, n: int, h: int, context: int, mode: str) -> int:
+  if a.kind == "noop":
+    return 0
+  if a.kind == "linear":
+    return 2 * d * d
+  proj = 2 * (2 * d * n * h + 2 * d * a.num_kv_heads * h)
+  if mode == "decode":
+    keys = min(context, a.window or context)
+  elif mode == "prefill":
+    keys = _mean_causal_keys(context, a.window)
+  else:
+    raise ArchError(f"mode must be 'decode' or 'prefill', got {mode!r}")
+  return proj + 2 * 2 * n * h * keys  # QK^T and AV
+
+
+def _mean_causal_keys(length: int, window: int | None) -> float:
+  if window is None or window >= length:
+    return (length + 1) / 2
+  # The first `window` queries see 1..window keys, the rest see `window`.
+  return (window * (window + 1) / 2 + (length - window) * window) / length
+
+
+def ffn_flops(f: FFNSpec, d: int) -> int:
+  if f.kind == "noop":
+    return 0
+  if f.kind == "linear":
+    return 2 * d * d
+  if f.kind == "swiglu":
+    return 2 * 3 * d * f.intermediate_size
+  return 2 * (f.top_k * 3 * d * f.intermediate_size + d * f.num_experts)
+
+
+def uniform_arch(*, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                 num_kv_heads: int, intermediate_size: int, head_dim: int | None = None,
+                 **kw) -> Arch:
+  """A plain Llama-style arch: every layer the same full block."""
+  block = BlockSpec(AttnSpec("gqa", num_kv_heads=num_kv_heads), FFNSpec("swiglu", intermediate_size))
+  return Arch(vocab_size=vocab_size, hidden_size=hidden_size, num_heads=num_heads,
+              head_dim=head_dim or hidden_size // num_heads, blocks=(block,) * num_layers, **kw)
+
+
+def divisors(n: int) -> list[int]:
+  return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def round_up(x: float, multiple: int) -> int:
+  return max(multiple, int(math.ceil(x / multiple) * multiple))
+
+
+def parallel_runs(blocks: Iterable[BlockSpec]) -> list[list[int]]:
+  """Group consecutive layer indices by parallel_group (singletons for None)."""
+  runs: list[list[int]] = []
+  prev = object()
+  for i, b in enumerate(blocks):
+    if b.parallel_group is not None and b.parallel_group == prev:
+      runs[-1].append(i)
+    else:
+      runs.append([i])
+    prev = b.parallel_group
+  return runs
