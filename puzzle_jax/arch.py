@@ -201,6 +201,42 @@ def describe_ffn(f: FFNSpec) -> str:
   return f.kind
 
 
+def variant_key(spec: AttnSpec | FFNSpec) -> str:
+  """Stable id of a sub-block variant ("attn/gqa_kv2_w256", "ffn/swiglu_768", "ffn/noop").
+
+  Same key = same shape = same cost, so costs are measured once per key, and a layer's
+  candidates are named by it.
+  """
+  if isinstance(spec, AttnSpec):
+    if spec.kind != "gqa":
+      return f"attn/{spec.kind}"
+    return f"attn/gqa_kv{spec.num_kv_heads}" + (f"_w{spec.window}" if spec.window else "")
+  if spec.kind == "swiglu":
+    return f"ffn/swiglu_{spec.intermediate_size}"
+  if spec.kind == "moe":
+    return f"ffn/moe_e{spec.num_experts}_k{spec.top_k}_f{spec.intermediate_size}"
+  return f"ffn/{spec.kind}"
+
+
+def spec_from_key(key: str) -> AttnSpec | FFNSpec:
+  """Inverse of `variant_key`."""
+  sub, _, rest = key.partition("/")
+  parts = rest.split("_")
+  if sub == "attn":
+    if parts[0] != "gqa":
+      return AttnSpec(parts[0])
+    kv = int(parts[1][2:])
+    window = int(parts[2][1:]) if len(parts) > 2 else None
+    return AttnSpec("gqa", num_kv_heads=kv, window=window)
+  if sub == "ffn":
+    if parts[0] == "swiglu":
+      return FFNSpec("swiglu", int(parts[1]))
+    if parts[0] == "moe":
+      return FFNSpec("moe", int(parts[3][1:]), num_experts=int(parts[1][1:]), top_k=int(parts[2][1:]))
+    return FFNSpec(parts[0])
+  raise ArchError(f"bad variant key {key!r}; expected 'attn/...' or 'ffn/...'")
+
+
 def attn_params(a: AttnSpec, d: int, n: int, h: int) -> int:
   if a.kind == "noop":
     return 0

@@ -32,14 +32,17 @@ FFN_KEYS = ("post_attention_layernorm", "mlp")
 def linear(p: Params, x: jax.Array) -> jax.Array:
   """torch.nn.Linear semantics: weight is [out, in]."""
   y = jnp.einsum("...i,oi->...o", x, p["weight"].astype(x.dtype))
-  return y + p["bias"].astype(x.dtype) if "bias" in p else y
+  if "bias" not in p:
+    return y
+  return y + p["bias"].astype(x.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
 
 
 def rms_norm(p: Params, x_BxLxD: jax.Array, eps: float) -> jax.Array:
   """Llama RMSNorm: normalize in float32, cast back, then scale (HF's order of operations)."""
   x32 = x_BxLxD.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return p["weight"].astype(x_BxLxD.dtype) * y.astype(x_BxLxD.dtype)
+  w = p["weight"].astype(x_BxLxD.dtype)
+  return w.reshape((1,) * (x_BxLxD.ndim - 1) + w.shape) * y.astype(x_BxLxD.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,7 +65,7 @@ def rope_inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
 
 def rope_cos_sin(arch: Arch, positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
   inv_freq = jnp.asarray(rope_inv_freq(arch.rope, arch.head_dim))
-  freqs_BxLxH2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+  freqs_BxLxH2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   emb_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
   return jnp.cos(emb_BxLxH), jnp.sin(emb_BxLxH)
 

