@@ -8,7 +8,6 @@ released spelling (`rope_theta` + `rope_scaling`) and transformers 5's
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from puzzle_jax.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec
@@ -139,17 +138,17 @@ def _attn_to_deci(a: AttnSpec, num_heads: int) -> dict[str, Any]:
           "unshifted_sink": False, "use_prefill_window_in_sink_attention": False}
 
 
-def _ffn_to_deci(f: FFNSpec, hidden: int, layer: int) -> dict[str, Any]:
+def _ffn_to_deci(f: FFNSpec, hidden: int) -> dict[str, Any]:
   if f.kind == "moe":
     raise ArchError("MoE blocks cannot be written as nemotron-nas block_configs")
   mult = None
   if f.kind == "swiglu":
     mult = intermediate_size_to_ffn_mult(f.intermediate_size, hidden)
     if mult is None:
+      # Not a multiple of 256: engines that derive the width from ffn_mult (vLLM, TensorRT-LLM)
+      # cannot reproduce it; this project and the shipped modeling code read intermediate_size.
+      # export.check_nemotron_nas_config reports such layers.
       mult = round(f.intermediate_size * 3 / (2 * hidden), 6)
-      warnings.warn(f"layer {layer}: FFN width {f.intermediate_size} is not a multiple of 256, so "
-                    "engines that derive it from ffn_mult (vLLM, TensorRT-LLM) will not reproduce "
-                    "it; this project and the shipped modeling code read 'intermediate_size'.")
   return {"ffn_mult": mult, "intermediate_size": f.intermediate_size if f.kind == "swiglu" else None,
           "no_op": f.kind == "noop", "replace_with_linear": f.kind == "linear", "sparsify": None}
 
@@ -157,9 +156,9 @@ def _ffn_to_deci(f: FFNSpec, hidden: int, layer: int) -> dict[str, Any]:
 def arch_to_hf(arch: Arch, *, dtype: str = "bfloat16") -> dict[str, Any]:
   """A nemotron-nas config.json dict for any project architecture."""
   blocks = []
-  for i, b in enumerate(arch.blocks):
+  for b in arch.blocks:
     blk = {"attention": _attn_to_deci(b.attn, arch.num_heads),
-           "ffn": _ffn_to_deci(b.ffn, arch.hidden_size, i)}
+           "ffn": _ffn_to_deci(b.ffn, arch.hidden_size)}
     if b.parallel_group is not None:
       blk["parallel_group"] = b.parallel_group
     blocks.append(blk)

