@@ -130,7 +130,8 @@ def nmse(y_hat, y) -> jax.Array:
 
 # ----------------------------------------------------------------------------- the step
 def make_optimizer(cfg: BLDConfig) -> optax.GradientTransformation:
-  sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, 2),
+  warmup = max(1, min(cfg.warmup_steps, cfg.steps - 1))
+  sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
                                              end_value=0.1 * cfg.lr)
   return optax.adamw(sched, weight_decay=cfg.weight_decay)
 
@@ -446,3 +447,42 @@ def plot_losses(log_path: pathlib.Path, png: pathlib.Path) -> None:
   fig.tight_layout()
   fig.savefig(png, dpi=120)
   plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- stage
+def run(config) -> pathlib.Path:
+  """`python -m puzzle_jax bld`: train the candidate library (resumes; skips when done)."""
+  from puzzle_jax import workdir as W
+  paths = W.Paths.from_config(config)
+  if (paths.library / "library.json").exists():
+    print(f"bld: {paths.library} exists, skipping")
+    return paths.library
+  arch, params = W.load_parent(config)
+  tok = W.load_tok(config)
+  library = cands.build_library(arch, cands.LibraryConfig.from_config(config.library))
+  cfg = BLDConfig.from_config(config.bld)
+  batches = W.TrainBatches(config, tok, cfg.batch_size, cfg.seq_len)
+  split = lambda x: [x[i:i + cfg.batch_size] for i in range(0, len(x), cfg.batch_size)]
+  calib = split(W.heldout_tokens(config, tok, cfg.calib_batches * cfg.batch_size, cfg.seq_len,
+                                 split=config.data.train_split))
+  held = split(W.heldout_tokens(config, tok, cfg.eval_batches * cfg.batch_size, cfg.seq_len))
+  mesh = make_mesh(config.mesh)
+  print(f"bld: {len(library)} candidates, {sum(cands.is_trainable(arch, c) for c in library)} trained, "
+        f"mesh {dict(mesh.shape)}")
+  groups, trained = train(arch, params, library, cfg, batches, calib, paths.bld, mesh=mesh,
+                          key=jax.random.PRNGKey(config.seed))
+  losses = evaluate(arch, params, groups, trained, held)
+  save_library(paths.library, arch, library, groups, trained, losses, cfg)
+  plot_losses(paths.bld / "losses.jsonl", paths.bld / "losses.png")
+  _print_summary(library, losses)
+  return paths.library
+
+
+def _print_summary(library: Sequence[Candidate], losses: Mapping[str, float]) -> None:
+  by_key: dict[str, list[float]] = {}
+  for c in library:
+    if c.id in losses:
+      by_key.setdefault(c.key, []).append(losses[c.id])
+  print(f"{'variant':<22} {'layers':>6} {'mean held-out NMSE':>19} {'min':>8} {'max':>8}")
+  for k, v in sorted(by_key.items()):
+    print(f"{k:<22} {len(v):>6} {np.mean(v):>19.4f} {min(v):>8.4f} {max(v):>8.4f}")

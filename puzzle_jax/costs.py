@@ -33,7 +33,6 @@ Axis legend as in `puzzle_jax.arch`: B batch, L prompt, S cache slots, D hidden,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -199,8 +198,22 @@ def _stats(prefill: dict[str, float], decode: dict[str, float]) -> dict[str, flo
   return out
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+  # numpy, not jax.random: eager jax ops compile once per shape, which dominated small runs.
+  return jnp.asarray(rng.standard_normal(shape, np.float32).astype(dtype))
+
+
+def _random_params(init: Callable[[jax.Array], model.Params], seed: int) -> model.Params:
+  """Params with the tree and shapes `init(key)` gives, filled like model.py's init (weights
+  N(0, 1/fan_in), norms 1) by numpy: jax.random under XLA:CPU compiled slower than we time."""
+  rng = np.random.default_rng(seed)
+
+  def fill(x: jax.ShapeDtypeStruct) -> jax.Array:
+    if len(x.shape) < 2:
+      return jnp.asarray(np.ones(x.shape, x.dtype))
+    return jnp.asarray((rng.standard_normal(x.shape, np.float32) * x.shape[-1] ** -0.5).astype(x.dtype))
+
+  return jax.tree.map(fill, jax.eval_shape(init, jax.random.PRNGKey(0)))
 
 
 # ----------------------------------------------------------------------------- sub-blocks
@@ -226,9 +239,10 @@ def _subblock_bench(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario, mode: st
   cache_shape = (B, sc.decode_context, spec.num_kv_heads or 0, arch.head_dim) if is_attn else ()
 
   def make_copy(c: int):
-    kp, kk, kv = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), c), 3)
-    params = (model.attn_init if is_attn else model.ffn_init)(kp, spec, arch, dt)
-    cache = {"k": _normal(kk, cache_shape, kv_dt), "v": _normal(kv, cache_shape, kv_dt)} if with_cache else None
+    params = _random_params(lambda k: (model.attn_init if is_attn else model.ffn_init)(k, spec, arch, dt),
+                            seed + 7919 * c)
+    rng = np.random.default_rng([seed, c])
+    cache = {"k": _normal(rng, cache_shape, kv_dt), "v": _normal(rng, cache_shape, kv_dt)} if with_cache else None
     return params, cache
 
   def step(ctx, p, h, cache):
@@ -242,7 +256,7 @@ def _subblock_bench(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario, mode: st
   if with_cache:
     copy_bytes += 2 * math.prod(cache_shape) * DTYPE_BYTES[sc.kv_dtype]
   prepare = (lambda: _ctx(arch, sc, mode, spec.window)) if is_attn else (lambda: None)
-  h = _normal(jax.random.PRNGKey(seed + 1), (B, L, D), dt)
+  h = _normal(np.random.default_rng([seed, 1 << 20]), (B, L, D), dt)
   return _Bench(prepare, step, make_copy, h, copy_bytes)
 
 
@@ -299,14 +313,14 @@ def _token_feedback(tokens_BxL: jax.Array, logits_BxLxV: jax.Array) -> jax.Array
 
 def _tokens(arch: Arch, sc: Scenario, mode: str, seed: int) -> jax.Array:
   L = sc.prompt_len if mode == "prefill" else 1
-  return jax.random.randint(jax.random.PRNGKey(seed + 2), (sc.batch, L), 0, arch.vocab_size, jnp.int32)
+  return jnp.asarray(np.random.default_rng(seed).integers(0, arch.vocab_size, (sc.batch, L), np.int32))
 
 
 def measure_fixed(arch: Arch, scenario: Scenario, *, seed: int = 0) -> dict[str, float]:
   """Embedding lookup, final norm and LM head (logits at every position, as model.py computes
   them), timed like the sub-blocks; the greedy next token feeds the next application."""
   dt = _jnp_dtype(scenario.dtype)
-  params = model.init_params(jax.random.PRNGKey(seed), dataclasses.replace(arch, blocks=()), dt)
+  params = _random_params(lambda k: model.init_params(k, dataclasses.replace(arch, blocks=()), dt), seed)
 
   def step(_, p, tokens, state):
     logits = model.lm_head(arch, p, model.embed(p, tokens, dt))
@@ -322,8 +336,8 @@ def _decode_cache(arch: Arch, sc: Scenario, seed: int) -> model.Cache:
   """A cache of decode_context slots, all but the last holding random K/V, as after a prefill."""
   S = sc.decode_context
   cache = model.init_cache(arch, sc.batch, S, _jnp_dtype(sc.kv_dtype))
-  keys = iter(jax.random.split(jax.random.PRNGKey(seed + 3), 2 * arch.num_layers))
-  cache["layers"] = [None if c is None else {k: _normal(next(keys), v.shape, v.dtype) for k, v in c.items()}
+  rng = np.random.default_rng([seed, 1 << 21])
+  cache["layers"] = [None if c is None else {k: _normal(rng, v.shape, v.dtype) for k, v in c.items()}
                      for c in cache["layers"]]
   return {**cache, "index": jnp.int32(S - 1), "valid": jnp.ones((sc.batch, S), bool),
           "next_pos": jnp.full((sc.batch,), S - 1, jnp.int32)}
@@ -335,7 +349,7 @@ def measure_model(arch: Arch, params: model.Params | None, scenario: Scenario, *
   cache at the mean context), to check the cost model (fixed + sum of parts) against the whole."""
   dt = _jnp_dtype(scenario.dtype)
   if params is None:
-    params = model.init_params(jax.random.PRNGKey(seed), arch, dt)
+    params = _random_params(lambda k: model.init_params(k, arch, dt), seed)
   else:
     params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 

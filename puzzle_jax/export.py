@@ -94,7 +94,8 @@ def to_numpy(name: str, value: Any, dtype: str) -> np.ndarray:
   src = np.asarray(jax.device_get(value))
   if not np.isfinite(src.astype(np.float32)).all():
     raise ExportError(f"tensor {name!r} contains NaN or Inf; fix the params before exporting")
-  out = np.ascontiguousarray(src.astype(DTYPES[dtype][1]))
+  with np.errstate(over="ignore"):  # an overflow is reported just below, by name
+    out = np.ascontiguousarray(src.astype(DTYPES[dtype][1]))
   if not np.isfinite(out.astype(np.float32)).all():
     raise ExportError(f"tensor {name!r} overflows {dtype} (finite in {src.dtype}, Inf after the cast); "
                       "export in a wider dtype")

@@ -18,8 +18,10 @@ its per-group minimum (the one-hot rows make this exact) and divided by its larg
 coefficient; scores are shifted and scaled the same way. Totals and objectives are always
 recomputed from the chosen names in the caller's units, never read back from the solver.
 
-Solved with HiGHS through cvxpy by default; `brute_force` enumerates every combination and is
-the reference the tests compare against.
+Before solving, each budget is checked on its own against its least achievable total (fixed +
+Σ_g min_o cost); a failure, or a solver-proven joint infeasibility, raises InfeasibleError with
+a per-constraint table. Solved with HiGHS through cvxpy by default; `brute_force` enumerates
+every combination and is the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import time
 import warnings
 from typing import Callable, Iterable, Mapping, Sequence
 
+import cvxpy as cp
 import numpy as np
+import scipy.sparse as sp
 
 SUBBLOCKS = ("attn", "ffn")
 _FEAS_RTOL = 1e-9  # relative slack when comparing a total with its budget (float round-off).
@@ -203,7 +207,8 @@ def _over(total: np.ndarray, budget: np.ndarray) -> np.ndarray:
 def _infeasibility_message(p: _Problem, joint: bool, n_cuts: int) -> str:
   least = _least_totals(p)
   alone = _over(least, p.budgets)
-  lines = ["no choice of candidates meets the budgets:"]
+  lines = ["no choice of candidates meets the budgets (least achievable = fixed + the cheapest "
+           "allowed candidate of every sub-block, forced choices included):"]
   for c, name in enumerate(p.cost_names):
     if math.isfinite(p.budgets[c]):
       verdict = "IMPOSSIBLE even alone" if alone[c] else "achievable alone"
@@ -259,8 +264,10 @@ def _objective(p: _Problem, var: np.ndarray) -> tuple[np.ndarray, float, float]:
 def _solver_options(solver: str, time_limit_s: float | None, mip_gap: float) -> dict:
   s = solver.upper()
   if s == "HIGHS":
-    # HiGHS' default mip_abs_gap (1e-6, scaled units) could stop one tie-breaking step short.
-    opts = {"mip_rel_gap": mip_gap, "mip_abs_gap": 1e-9 if mip_gap == 0 else 1e-6}
+    # HiGHS' defaults (1e-6 feasibility on the scaled rows, 1e-6 absolute gap) let it overshoot
+    # a budget by ~1e-6 relative, and so "beat" the true optimum; 1e-9 costs no time here.
+    opts = {"mip_rel_gap": mip_gap, "mip_abs_gap": 1e-9 if mip_gap == 0 else 1e-6,
+            "mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
     return opts | ({"time_limit": float(time_limit_s)} if time_limit_s is not None else {})
   if s == "SCIPY":
     opts = {"mip_rel_gap": mip_gap} | ({"time_limit": float(time_limit_s)} if time_limit_s else {})
@@ -278,8 +285,6 @@ def _stat(stats, key: str) -> float | None:
 def _solve_mip(p: _Problem, cuts: Sequence[np.ndarray], min_hamming: int, solver: str,
                opts: dict) -> tuple[np.ndarray, str, float | None]:
   """Build and solve the model; return chosen candidate indices, status, dual bound (caller's units)."""
-  import cvxpy as cp
-  import scipy.sparse as sp
   var = np.flatnonzero(p.allowed)
   c, offset, scale = _objective(p, var)
   a_b, b_b = _budget_rows(p, var)
@@ -293,7 +298,7 @@ def _solve_mip(p: _Problem, cuts: Sequence[np.ndarray], min_hamming: int, solver
   try:
     prob.solve(solver=solver, **opts)
   except cp.error.SolverError as e:
-    raise RuntimeError(f"solver {solver} failed: {e}") from e
+    raise RuntimeError(f"solver {solver} failed ({e}); if time_limit_s is set, raise it") from e
   if prob.status in cp.settings.INF_OR_UNB:
     raise InfeasibleError(_infeasibility_message(p, joint=True, n_cuts=len(cuts)))
   if x.value is None:
@@ -318,12 +323,22 @@ def _gap(objective: float, bound: float | None, status: str) -> float | None:
   return abs_gap / max(abs(objective), 1e-12)
 
 
+def _verify(p: _Problem, chosen: np.ndarray, status: str, cuts: Sequence[np.ndarray],
+            min_hamming: int, solver: str) -> None:
+  """Reject what the solver returns when it stopped early with an infeasible point."""
+  totals = p.fixed + p.costs[chosen].sum(0)
+  # Scaled rows carry a 1e-9 (HIGHS) to 1e-6 (SCIPY) feasibility tolerance; more is no solution.
+  span = np.maximum(np.abs(p.budgets), np.abs(p.fixed) + np.abs(p.costs).max(0) * p.n_groups)
+  over = [p.cost_names[c] for c in np.flatnonzero(totals > p.budgets + 1e-6 * span)]
+  close = [i for i, cut in enumerate(cuts) if p.n_groups - np.isin(chosen, cut).sum() < min_hamming]
+  if over or close:
+    why = f"over budget on {over}" if over else f"within min_hamming of excluded solutions {close}"
+    hint = ("raise time_limit_s" if status != "optimal" else "numerical trouble; try solver='SCIPY'")
+    raise RuntimeError(f"solver {solver} stopped ({status}) with a point {why}; {hint}")
+
+
 def _solution(p: _Problem, chosen: np.ndarray, status: str, bound: float | None, t0: float) -> Solution:
   totals = p.fixed + p.costs[chosen].sum(0)
-  # The solver works on scaled rows with ~1e-7 feasibility tolerance; anything worse is a bug.
-  span = np.maximum(np.abs(p.budgets), np.abs(p.fixed) + np.abs(p.costs).max(0) * p.n_groups)
-  if (totals > p.budgets + 1e-6 * span).any():
-    raise RuntimeError(f"solver returned totals {dict(zip(p.cost_names, totals))} over budget")
   objective = float(p.scores[chosen].sum())
   names = [p.names[i] for i in chosen]
   return Solution(choices=tuple(zip(names[0::2], names[1::2])), objective=objective,
@@ -363,6 +378,7 @@ def solve(layers: Sequence[LayerOptions], budgets: Mapping[str, float], *,
   cuts = [_indices_of(p, e.choices) for e in exclude]
   chosen, status, bound = _solve_mip(p, cuts, min_hamming, solver,
                                      _solver_options(solver, time_limit_s, mip_gap))
+  _verify(p, chosen, status, cuts, min_hamming, solver)
   return _solution(p, chosen, status, bound, t0)
 
 
@@ -442,7 +458,7 @@ def evaluate(layers: Sequence[LayerOptions], choices: Sequence[tuple[str, str]],
 
 
 # ------------------------------------------------------------------ synthetic instances
-# Per-sub-block parent costs of a ~1B-parameter-ish layer, for synthetic instances.
+# Illustrative parent costs per sub-block (memory = bf16 weights + KV cache), for synthetic instances.
 _PARENT_COSTS = {"attn": {"decode_s": 2e-5, "memory_bytes": 6e7, "params": 1.6e7},
                  "ffn": {"decode_s": 3e-5, "memory_bytes": 1e8, "params": 5e7}}
 
@@ -465,12 +481,14 @@ def _random_options(rng: np.random.Generator, sub: str, n: int, importance: floa
 def random_layers(seed: int, n_layers: int, n_attn: int = 3, n_ffn: int = 3) -> tuple[LayerOptions, ...]:
   """A synthetic search space with costs decode_s / memory_bytes / params (tests, benchmarks)."""
   rng = np.random.default_rng(seed)
+  importance = rng.lognormal(-3.0, 1.0, n_layers)  # how much removing layer l hurts.
   return tuple(LayerOptions(_random_options(rng, "attn", n_attn, imp), _random_options(rng, "ffn", n_ffn, imp))
-               for imp in rng.lognormal(-3.0, 1.0, n_layers))
+               for imp in importance)
 
 
 # ------------------------------------------------------------------ plots
 Point = tuple[str, float, float]  # (series label, x = cost or speedup, y = score)
+NamePair = tuple[Sequence[str], Sequence[str]]  # one layer's (attention names, FFN names)
 
 
 def pareto_points(label: str, solutions: Sequence[Solution | None],
@@ -487,8 +505,8 @@ def _figure(width: float, height: float):
 
 
 def plot_pareto(points: Sequence[Point] | Mapping[str, Sequence[tuple[float, float]]], path,
-                *, baselines: Sequence[Point] = (), xlabel: str = "cost", ylabel: str = "score (lower is better)",
-                title: str | None = None) -> str:
+                *, baselines: Sequence[Point] = (), xlabel: str = "cost",
+                ylabel: str = "score (lower is better)", title: str | None = None) -> str:
   """Quality-vs-cost curves, one line per label, plus labelled baseline markers; writes a PNG."""
   if isinstance(points, Mapping):
     points = [(lab, x, y) for lab, xy in points.items() for x, y in xy]
@@ -519,10 +537,11 @@ def _option_names(layer_option_names, sub: int) -> list[str]:
 
 
 def plot_choices(choices: Solution | Sequence[tuple[str, str]],
-                 layer_option_names: Sequence[LayerOptions] | Sequence[tuple[Sequence[str], Sequence[str]]] | None,
+                 layer_option_names: Sequence[LayerOptions] | Sequence[NamePair] | None,
                  path, *, title: str | None = None) -> str:
   """Two stripes (attention, FFN) of per-layer chosen candidates, one colour per name; writes a PNG."""
   import matplotlib
+  from matplotlib.patches import Patch
   choices = getattr(choices, "choices", choices)
   n = len(choices)
   fig = _figure(max(6.0, 0.16 * n + 2.5), 3.2)
@@ -536,7 +555,7 @@ def plot_choices(choices: Solution | Sequence[tuple[str, str]],
     ax.set(yticks=[], xlim=(-0.5, n - 0.5), ylim=(0, 1))
     ax.set_ylabel(SUBBLOCKS[s], rotation=0, ha="right", va="center")
     used = [u for u in names if u in set(chosen)]
-    handles = [matplotlib.patches.Patch(color=cmap(names.index(u) % cmap.N), label=u) for u in used]
+    handles = [Patch(color=cmap(names.index(u) % cmap.N), label=u) for u in used]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
   axes[1].set_xlabel("layer")
   fig.suptitle(title or "chosen candidates per layer", fontsize=10)

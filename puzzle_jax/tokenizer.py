@@ -134,11 +134,11 @@ class Tokenizer:
   @classmethod
   def from_gguf(cls, path: str | pathlib.Path) -> Tokenizer:
     """Byte-level BPE from a GGUF's `tokenizer.ggml.*` metadata, as transformers builds it."""
-    import gguf
+    from puzzle_jax.io import open_gguf
     path = pathlib.Path(path)
     if not path.is_file():
       raise TokenizerError(f"{path} does not exist")
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     meta = lambda key, default=None: (reader.fields[key].contents()  # noqa: E731
                                       if key in reader.fields else default)
     kind = meta("tokenizer.ggml.model")

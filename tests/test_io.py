@@ -365,7 +365,7 @@ def write_llama_gguf(path, arch: Arch, params, quant=gguf.GGMLQuantizationType.F
 def gguf_model():
   arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=96, head_dim=16, tie_embeddings=True, bos_token_id=1, eos_token_id=2,
-                      rms_eps=1e-5)
+                      rms_eps=float(np.float32(1e-5)))  # GGUF stores eps as float32
   return arch, model.init_params(jax.random.PRNGKey(1), arch)
 
 
@@ -462,7 +462,7 @@ def test_checkpoint_incomplete_or_mismatched(tmp_path):
   # An arch.json that disagrees with the saved params is caught by the same strict check.
   other = arch.replace_block(0, ffn=FFNSpec("swiglu", 128))
   (tmp_path / "ckpt" / io.ARCH_FILE).write_text(json.dumps(other.to_hf_config()))
-  with pytest.raises(io.LoadError, match=r"tensor 'model.layers.0.mlp.down_proj.weight' has shape \(32, 96\)"):
+  with pytest.raises(io.LoadError, match=r"params: tensor 'model.layers.0.mlp.(gate|up|down)_proj.weight' has shape"):
     io.load_checkpoint(tmp_path / "ckpt")
-  with pytest.raises(io.LoadError, match="missing tensor"):
+  with pytest.raises(io.LoadError, match=r"params passed to save_checkpoint: tensor .* has shape"):
     io.save_checkpoint(tmp_path / "c2", other, params)

@@ -125,6 +125,21 @@ def test_time_limit_and_gap_are_passed_through():
   assert exact.objective <= loose.objective <= exact.objective * 1.05 + 1e-12
 
 
+@pytest.mark.filterwarnings("ignore:Solution may be inaccurate")
+def test_time_limit_stops_early_or_says_so():
+  layers = mip.random_layers(0, 200, 12, 12)
+  fixed = {"decode_s": 1e-4, "memory_bytes": 2e8, "params": 5e7}
+  _, parent = mip.evaluate(layers, [PARENT] * 200, fixed=fixed)
+  budgets = {c: 0.6 * v for c, v in parent.items()}
+  try:
+    sol = mip.solve(layers, budgets, fixed=fixed, time_limit_s=0.01)
+  except RuntimeError as e:  # stopped before any architecture within budget.
+    assert "time_limit_s" in str(e)
+  else:
+    assert sol.status != "optimal" or sol.gap == 0.0
+    _assert_feasible(sol, budgets)
+
+
 # ------------------------------------------------------------------ infeasibility
 def test_individually_infeasible_lists_least_achievable():
   layers, fixed, _ = _instance(1)
