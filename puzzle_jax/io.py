@@ -22,7 +22,7 @@ import json
 import pathlib
 import shutil
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,9 @@ import numpy as np
 
 from puzzle_jax import model, names
 from puzzle_jax.arch import DTYPE_BYTES, Arch, ArchError, RopeSpec, uniform_arch
+
+if TYPE_CHECKING:
+  import gguf
 
 Params = dict[str, Any]
 
@@ -214,7 +217,7 @@ def unpermute_qk(w_RxC: np.ndarray, n_head: int) -> np.ndarray:
   return w_RxC.reshape(n_head, rows // n_head // 2, 2, *w_RxC.shape[1:]).swapaxes(1, 2).reshape(w_RxC.shape)
 
 
-def open_gguf(path: str | pathlib.Path):
+def open_gguf(path: str | pathlib.Path) -> gguf.GGUFReader:
   """A `gguf.GGUFReader` (memory-mapped), reused while the file is unchanged: parsing the metadata
   of a 49k-token vocabulary takes seconds, and weights and tokenizer both need it."""
   path = pathlib.Path(path).absolute()
@@ -231,22 +234,23 @@ def _open_gguf(path: str, mtime_ns: int, size: int):
     raise LoadError(f"{path}: not a readable GGUF file ({e})") from e
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
   f = reader.fields.get(key)
   return default if f is None else f.contents()
 
 
 def gguf_model_dtype(tensor_types: list[str]) -> np.dtype:
-  """The float type a GGUF model is "in" (as transformers decides): its half type, else float32."""
+  """The float type a GGUF model is "in", as transformers decides: float32 if anything is quantized
+  (blocks dequantize to float32), else its half type if it has one (norms stay F32 in half files)."""
   import ml_dtypes
+  if not all(t in GGUF_FLOAT_TYPES for t in tensor_types):
+    return np.dtype(np.float32)
   if "BF16" in tensor_types:
     return np.dtype(ml_dtypes.bfloat16)
-  if "F16" in tensor_types and all(t in GGUF_FLOAT_TYPES for t in tensor_types):
-    return np.dtype(np.float16)
-  return np.dtype(np.float32)  # dequantized blocks are float32
+  return np.dtype(np.float16 if "F16" in tensor_types else np.float32)
 
 
-def arch_from_gguf(reader, path: pathlib.Path) -> Arch:
+def arch_from_gguf(reader: gguf.GGUFReader, path: pathlib.Path) -> Arch:
   """Build the Arch from llama.* metadata, the keys transformers' GGUF loader reads."""
   arch_name = _field(reader, "general.architecture")
   if arch_name != "llama":
@@ -282,7 +286,7 @@ def arch_from_gguf(reader, path: pathlib.Path) -> Arch:
       eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"))
 
 
-def dequantize_tensor(t, path: pathlib.Path) -> np.ndarray:
+def dequantize_tensor(t: gguf.ReaderTensor, path: pathlib.Path) -> np.ndarray:
   """One GGUF tensor as float32 in torch [out, in] order."""
   from gguf.quants import dequantize
   qtype = t.tensor_type.name

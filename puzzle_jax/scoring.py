@@ -100,18 +100,19 @@ class Scorer:
     self.params = params
     self.tail_params = ({**params, "model": {**params["model"], "layers": cands.stack(params["model"]["layers"])}}
                         if _uniform(arch) else params)
+    # Params are arguments, never closed over: constants that size would be folded at compile time.
     self._acts = jax.jit(self._parent_pass)
     self._next = jax.jit(self._next_hidden, static_argnums=(0, 1, 2))
-    self._tail = jax.jit(self._tail_metrics, static_argnums=() if _uniform(arch) else (1,))
+    self._tail = jax.jit(self._tail_metrics, static_argnums=() if _uniform(arch) else (2,))
 
-  def _parent_pass(self, tokens_BxL):
+  def _parent_pass(self, params, tokens_BxL):
     rec = {"h": [], "mid": []}
 
     def hook(i, h, a, mid, f):
       rec["h"].append(h)
       rec["mid"].append(mid)
 
-    logits = model.forward(self.arch, self.params, tokens_BxL, hook=hook)
+    logits = model.forward(self.arch, params, tokens_BxL, hook=hook)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.stack(rec["h"]), jnp.stack(rec["mid"]), logp, token_metrics(logits, logp, tokens_BxL)
 
@@ -119,9 +120,9 @@ class Scorer:
     ctx = model.forward_ctx(self.arch, tokens_BxL)
     return next_hidden(self.arch, layer_params, sub, spec, cand_params, parent_ffn, h, mid, ctx)
 
-  def _tail_metrics(self, h_CxBxLxD, start, ref_logp, tokens_BxL):
+  def _tail_metrics(self, tail_params, h_CxBxLxD, start, ref_logp, tokens_BxL):
     ctx = model.forward_ctx(self.arch, tokens_BxL)
-    one = lambda h: token_metrics(tail(self.arch, self.tail_params, h, start, ctx), ref_logp, tokens_BxL)
+    one = lambda h: token_metrics(tail(self.arch, tail_params, h, start, ctx), ref_logp, tokens_BxL)
     return jax.lax.map(one, h_CxBxLxD) if self.cfg.candidate_chunk == 1 else jax.vmap(one)(h_CxBxLxD)
 
   def score(self, library: "Any", tokens_NxL: np.ndarray, *, progress: bool = True) -> dict[str, dict]:
@@ -133,7 +134,7 @@ class Scorer:
     bar = tqdm(total=len(batches) * self.arch.num_layers, desc="score", disable=not progress)
     for tokens in batches:
       tokens = jnp.asarray(tokens, jnp.int32)
-      h_all, mid_all, ref_logp, pm = self._acts(tokens)
+      h_all, mid_all, ref_logp, pm = self._acts(self.params, tokens)
       parent_sums["nll"] += float(pm["nll"])
       for layer in range(self.arch.num_layers):
         cs = library.at(layer, "attn") + library.at(layer, "ffn")
@@ -160,7 +161,7 @@ class Scorer:
     for i in range(0, len(hs), k):
       chunk = hs[i:i + k]
       padded = chunk + [chunk[-1]] * (k - len(chunk))  # fixed chunk size: one compile
-      m = jax.device_get(self._tail(jnp.stack(padded), start_arg, ref_logp, tokens))
+      m = jax.device_get(self._tail(self.tail_params, jnp.stack(padded), start_arg, ref_logp, tokens))
       out += [{key: float(v[j]) for key, v in m.items()} for j in range(len(chunk))]
     return out
 

@@ -154,3 +154,35 @@ class TrainBatches:
 
   def set_state(self, state: dict) -> None:
     self._it = self._data.restore_iterator(self._it, state)
+
+
+# ----------------------------------------------------------------------------- stages
+def run_import(config) -> pathlib.Path:
+  """`import`: parent -> project checkpoint + tokenizer; prints the architecture table."""
+  from puzzle_jax import io
+  paths = Paths.from_config(config)
+  if not (paths.parent / "arch.json").exists():
+    import_parent(config)
+  arch, _ = io.load_checkpoint(paths.parent)
+  print(f"parent from {parent_source(config)}\n{arch.table()}")
+  return paths.parent
+
+
+PIPELINE = ("import", "bld", "score", "costs", "mip", "realize", "evaluate")
+
+
+def run_all(config) -> None:
+  """The whole Puzzle search; finished stages are skipped, so an interrupted run resumes."""
+  import time
+  from puzzle_jax.__main__ import stage_fn
+  for name in PIPELINE:
+    t0 = time.perf_counter()
+    print(f"==> {name}")
+    stage_fn(name)(config)
+    print(f"<== {name} ({time.perf_counter() - t0:.1f}s)")
+  from puzzle_jax import generate
+  for which in ("parent", "child"):
+    arch, params = generate.resolve_checkpoint(config, which)
+    text = generate.complete(arch, params, load_tok(config), config.generate.prompt,
+                             max_new_tokens=config.generate.max_new_tokens)
+    print(f"[{which}] {config.generate.prompt}\n  -> {text}")

@@ -353,13 +353,20 @@ def test_reexport_replaces_and_foreign_dir_is_refused(tmp_path):
   assert (foreign / "keep.txt").exists()
 
 
-def test_tokenizer_is_saved(tmp_path):
-  class FakeTokenizer:
-    def save(self, d):
-      (pathlib.Path(d) / "tokenizer.json").write_text("{}")
+def test_tokenizer_is_saved_and_loads_in_transformers(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  from puzzle_jax.tokenizer import Tokenizer
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok = Tokenizer(backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
   arch = llama_arch()
-  out = ex.export(arch, random_params(arch), tmp_path / "m", tokenizer=FakeTokenizer())
-  assert (out / "tokenizer.json").exists()
+  out = ex.export(arch, random_params(arch), tmp_path / "m", tokenizer=tok)
+  with warnings.catch_warnings():  # it reads config.json generically: "rope_scaling is deprecated"
+    warnings.simplefilter("ignore", FutureWarning)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert hf_tok("hello world", add_special_tokens=False)["input_ids"] == [3, 4]
+  assert hf_tok.eos_token_id == EOS
 
 
 # ----------------------------------------------------------------------------- external loaders
@@ -423,7 +430,6 @@ def test_missing_and_misshaped_tensors_are_refused(tmp_path):
   with pytest.raises(ex.ExportError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*\(256, 64\)"):
     ex.export(arch, params, tmp_path / "m")
   params = random_params(arch)
-  params["lm_head"] = params.pop("lm_head")
   params["model"]["layers"][3]["mlp"] = {"up_proj": {"weight": jnp.zeros((8, 64))}}
   with pytest.raises(ex.ExportError, match=r"model\.layers\.3\.mlp\.up_proj\.weight"):
     ex.export(arch, params, tmp_path / "m")

@@ -26,11 +26,15 @@ def rel_err(ours, ref) -> float:
   return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
-def hf_greedy(hf_model, ids_BxL: np.ndarray, n: int) -> np.ndarray:
+def greedy_both(arch, params, hf_model, ids_BxL: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ours, transformers') greedy continuations; transformers may stop early at EOS."""
+  ours = np.asarray(model.generate(arch, params, ids_BxL, max_new_tokens=n, dtype=jnp.float32,
+                                   stop_tokens=(arch.eos_token_id,)))
   with torch.no_grad():
-    out = hf_model.generate(torch.tensor(ids_BxL), attention_mask=torch.ones(ids_BxL.shape, dtype=torch.long),
-                            do_sample=False, max_new_tokens=n, min_new_tokens=n)
-  return out[:, ids_BxL.shape[1]:].numpy()
+    ref = hf_model.generate(torch.tensor(ids_BxL, dtype=torch.long), do_sample=False, max_new_tokens=n,
+                            attention_mask=torch.ones(ids_BxL.shape, dtype=torch.long),
+                            pad_token_id=arch.eos_token_id)
+  return ours, ref[:, ids_BxL.shape[1]:].numpy()
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (real weights)
@@ -87,16 +91,17 @@ def test_smollm2_forward_parity(smollm2, smollm2_tok, smollm2_hf, wikitext_lines
   assert err < 1e-4
 
 
-def test_smollm2_greedy_generation_matches(smollm2, smollm2_tok, smollm2_hf):
+def test_smollm2_greedy_generation_matches(smollm2, smollm2_tok, smollm2_hf, wikitext_lines):
+  """Row 0: the chat prompt (stops at EOS); row 1: a WikiText prefix of equal length (runs all 32)."""
   arch, params = smollm2
-  prompt = np.array([smollm2_tok.encode(smollm2_tok.apply_chat_template(CHAT))], np.int32)
-  ours = np.asarray(model.generate(arch, params, prompt, max_new_tokens=32, dtype=jnp.float32))
-  with torch.no_grad():
-    ref = smollm2_hf.generate(torch.tensor(prompt, dtype=torch.long), do_sample=False,
-                              max_new_tokens=32)[:, prompt.shape[1]:].numpy()
-  # transformers stops at EOS; ours runs on, so compare what it produced.
-  np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
-  assert "Paris" in smollm2_tok.decode(ours[0])
+  chat = smollm2_tok.encode(smollm2_tok.apply_chat_template(CHAT))
+  prompt = np.array([chat, smollm2_tok.encode(wikitext_lines[0])[:len(chat)]], np.int32)
+  ours, ref = greedy_both(arch, params, smollm2_hf, prompt, 32)
+  print(f"SmolLM2 greedy, transformers: {[smollm2_tok.decode(r) for r in ref]}")
+  assert ref.shape == (2, 32)
+  np.testing.assert_array_equal(ours, ref)  # after EOS both repeat EOS (transformers pads with it)
+  answer = smollm2_tok.decode(ours[0])
+  assert answer.startswith("The capital of France is Paris.<|im_end|>")
 
 
 # ----------------------------------------------------------------------------- tiny sharded Llama
@@ -155,8 +160,9 @@ def test_tiny_llama_forward_parity(tiny_llama, tiny_loaded):
 def test_tiny_llama_greedy_generation_matches(tiny_llama, tiny_loaded):
   arch, params = tiny_loaded
   ids = np.random.default_rng(1).integers(3, arch.vocab_size, (2, 8)).astype(np.int32)
-  ours = np.asarray(model.generate(arch, params, ids, max_new_tokens=16))
-  np.testing.assert_array_equal(ours, hf_greedy(tiny_llama[1], ids, 16))
+  ours, ref = greedy_both(arch, params, tiny_llama[1], ids, 16)
+  assert ref.shape == (2, 16)  # no EOS, so the whole continuation is compared
+  np.testing.assert_array_equal(ours, ref)
 
 
 def _copy_with_config(src, dst, edit):

@@ -146,7 +146,8 @@ class DeciLMConfig(PretrainedConfig):
         self.rope_theta = params["rope_theta"]
         self.rope_parameters = params
         if block_configs is None:
-            block_configs = [{"attention": {"n_heads_in_group": 1}, "ffn": {"ffn_mult": 2.6875}}] * num_hidden_layers
+            default_block = {"attention": {"n_heads_in_group": 1}, "ffn": {"ffn_mult": 2.6875}}
+            block_configs = [default_block] * num_hidden_layers
         if len(block_configs) != num_hidden_layers:
             raise ValueError(f"{len(block_configs)} block_configs for num_hidden_layers={num_hidden_layers}")
         self.block_configs = [_normalize_block(b, num_attention_heads, hidden_size, i)

@@ -310,8 +310,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
         total = past + length
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[1] < total:
-                raise ValueError(f"attention_mask must be 2-D [batch, past + new tokens] = [{batch}, {total}], "
-                                 f"got {tuple(attention_mask.shape)}")
+                raise ValueError(f"attention_mask must be 2-D [batch, past + new tokens] = "
+                                 f"[{batch}, {total}], got {tuple(attention_mask.shape)}")
             mask = attention_mask.to(device=device, dtype=torch.bool)
             key_valid = mask[:, -total:]
             if position_ids is None:
