@@ -293,3 +293,17 @@ def _check_block(b: Any, heads: Any, hidden: Any) -> list[str]:
                         "the wrong FFN (only this project's loader and the shipped modeling code read "
                         "intermediate_size)")
   return problems
+
+
+def run(config) -> pathlib.Path:
+  """`python -m puzzle_jax export`: the parent, the child or a checkpoint -> HF directory."""
+  import warnings
+  from puzzle_jax import generate, workdir as W
+  which = config.export.checkpoint
+  arch, params = generate.resolve_checkpoint(config, which)
+  out = pathlib.Path(config.export.out_dir or W.Paths.from_config(config).root / "export" / pathlib.Path(which).name)
+  for problem in check_nemotron_nas_config(arch.to_hf_config()):
+    warnings.warn(f"vLLM/TensorRT-LLM compatibility: {problem}")
+  path = export(arch, params, out, tokenizer=W.load_tok(config), dtype=config.export.dtype)
+  print(f"export: {which} -> {path}")
+  return path

@@ -75,20 +75,23 @@ def _check(arch: Arch, found: dict[str, tuple[int, ...]], sources: dict[str, str
   if missing:
     k = missing[0]
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    fix = ("set tie_word_embeddings to true in the config (the checkpoint shares the embedding)"
+           if k == "lm_head.weight" else "point at the checkpoint that matches the config, or mark "
+           "that sub-block no_op/linear in the config if it was removed")
     raise LoadError(f"{what}: missing tensor {k!r}{more} of shape {want[k]}{_layer_hint(arch, k)}; "
-                    f"the config expects it. Fix: point at the checkpoint that matches the config, or "
-                    f"mark that sub-block no_op/linear in the config if it was removed.")
+                    f"the config expects it. Fix: {fix}.")
   if extra:
     k = extra[0]
     more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-    raise LoadError(f"{sources.get(k, what)}: unexpected tensor {k!r}{more}{_layer_hint(arch, k)}; the config "
-                    f"has no place for it. Fix: correct the config (layer count, block_configs, "
+    raise LoadError(f"{sources.get(k, what)}: unexpected tensor {k!r}{more}{_layer_hint(arch, k)}; "
+                    f"the config has no place for it. Fix: correct the config (layer count, block_configs, "
                     f"tie_word_embeddings) or remove the tensor from the checkpoint.")
   for k, shape in found.items():
     if tuple(shape) != want[k]:
-      raise LoadError(f"{sources.get(k, what)}: tensor {k!r} has shape {tuple(shape)} but the config implies "
-                      f"{want[k]}{_layer_hint(arch, k)}. Fix: correct the config's sizes (hidden_size, "
-                      f"head_dim, num_key_value_heads, intermediate_size, vocab_size) to match the weights.")
+      raise LoadError(f"{sources.get(k, what)}: tensor {k!r} has shape {tuple(shape)} but the config "
+                      f"implies {want[k]}{_layer_hint(arch, k)}. Fix: correct the config's sizes "
+                      f"(hidden_size, head_dim, num_key_value_heads, intermediate_size, vocab_size) "
+                      f"to match the weights.")
 
 
 def assemble(arch: Arch, flat: dict[str, Any], sources: dict[str, str], what: str,

@@ -127,9 +127,8 @@ class Tokenizer:
       template = {t["name"]: t["template"] for t in template}.get("default")
     if (path / "chat_template.jinja").is_file():
       template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-    return cls(tokenizers.Tokenizer.from_file(str(tok_file)),
-               **{k: _token_str(special.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")},
-               chat_template=template)
+    tokens = {k: _token_str(special.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return cls(tokenizers.Tokenizer.from_file(str(tok_file)), **tokens, chat_template=template)
 
   @classmethod
   def from_gguf(cls, path: str | pathlib.Path) -> Tokenizer:
@@ -169,7 +168,7 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
 # ----------------------------------------------------------------------------- GGUF BPE
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's byte -> printable character table (the alphabet byte-level vocabularies are spelled in)."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
   cs = bs[:]
   n = 0
   for b in range(256):
@@ -235,7 +234,8 @@ def _compile_template(source: str):
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
       # transformers overrides jinja's tojson, which would HTML-escape the output.
-      return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+      return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                        sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[jinja2.ext.loopcontrols])

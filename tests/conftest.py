@@ -31,3 +31,29 @@ def wikitext_lines() -> list[str]:
   """Real English lines from WikiText-2 valid (shipped in data/)."""
   text = (REPO / "data" / "wikitext2" / "valid.txt").read_text(encoding="utf-8")
   return [l.strip() for l in text.splitlines() if len(l.strip()) > 200]
+
+
+@pytest.fixture(scope="session")
+def smollm2_parent(smollm2_gguf):
+  """(arch, params) of the real parent, float32 (dequantized once per session)."""
+  import jax.numpy as jnp
+  from puzzle_jax import io
+  return io.load_pretrained(smollm2_gguf, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_small(smollm2_parent):
+  """The real parent's first 4 blocks + its real embedding / head: fast, still real weights."""
+  from puzzle_jax import workdir
+  return workdir.truncate(*smollm2_parent, 4)
+
+
+@pytest.fixture(scope="session")
+def real_tokens(smollm2_gguf, wikitext_lines):
+  """[16, 128] tokens of real WikiText-2 text under the parent's tokenizer."""
+  import numpy as np
+  from puzzle_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer(smollm2_gguf)
+  ids = [t for line in wikitext_lines[:120] for t in tok.encode(line)]
+  assert len(ids) >= 16 * 128
+  return np.asarray(ids[: 16 * 128], np.int32).reshape(16, 128)

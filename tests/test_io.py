@@ -272,7 +272,7 @@ def test_missing_safetensors(small):
 def test_missing_shard(tiny_llama, tmp_path):
   path = shutil.copytree(tiny_llama[0], tmp_path / "t")
   (path / "model-00002-of-00007.safetensors").unlink()
-  with pytest.raises(io.LoadError, match=r"model-00002-of-00007.safetensors is listed in .*index.json but missing"):
+  with pytest.raises(io.LoadError, match=r"model-00002-of-00007.safetensors is listed in .*index.json but"):
     io.load_pretrained(path)
 
 
@@ -280,17 +280,33 @@ def test_extra_tensor(small):
   arch, params, tmp = small
   path = write_hf_dir(tmp / "m", arch, params,
                       lambda flat: flat.update({"model.layers.1.mlp.extra.weight": np.zeros(3, np.float32)}))
-  with pytest.raises(io.LoadError, match=r"model.safetensors: unexpected tensor 'model.layers.1.mlp.extra.weight'"
-                     r" \(layer 1 is attention=gqa kv=1, ffn=swiglu 32\); the config has no place for it"):
+  with pytest.raises(io.LoadError, match=r"model.safetensors: unexpected tensor "
+                     r"'model.layers.1.mlp.extra.weight' \(layer 1 is attention=gqa kv=1, ffn=swiglu 32\); "
+                     r"the config has no place for it"):
     io.load_pretrained(path)
 
 
 def test_missing_tensor(small):
   arch, params, tmp = small
-  path = write_hf_dir(tmp / "m", arch, params, lambda flat: flat.pop("model.layers.0.self_attn.k_proj.weight"))
+  drop = lambda flat: flat.pop("model.layers.0.self_attn.k_proj.weight")  # noqa: E731
+  path = write_hf_dir(tmp / "m", arch, params, drop)
   with pytest.raises(io.LoadError, match=r"missing tensor 'model.layers.0.self_attn.k_proj.weight' of shape"
                      r" \(8, 16\).*Fix:"):
     io.load_pretrained(path)
+
+
+def test_untied_config_but_no_lm_head(small):
+  arch, params, tmp = small
+  path = write_hf_dir(tmp / "m", arch, params, lambda flat: flat.pop("lm_head.weight"))
+  with pytest.raises(io.LoadError, match=r"missing tensor 'lm_head.weight'.*set tie_word_embeddings to true"):
+    io.load_pretrained(path)
+
+
+def test_old_rotary_buffers_are_ignored(small):
+  arch, params, tmp = small
+  inv_freq = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}
+  path = write_hf_dir(tmp / "m", arch, params, lambda flat: flat.update(inv_freq))
+  assert_params_equal(io.load_pretrained(path)[1], params)
 
 
 def test_shape_mismatch(small):
@@ -299,8 +315,9 @@ def test_shape_mismatch(small):
   cfg = json.loads((path / "config.json").read_text())
   cfg["block_configs"][1]["ffn"]["intermediate_size"] = 48
   (path / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(io.LoadError, match=r"model.safetensors: tensor 'model.layers.1.mlp.(gate|up|down)_proj.weight' "
-                     r"has shape .* but the config implies .*intermediate_size"):
+  with pytest.raises(io.LoadError, match=r"model.safetensors: tensor "
+                     r"'model.layers.1.mlp.(gate|up|down)_proj.weight' has shape .* but the config implies "
+                     r".*intermediate_size"):
     io.load_pretrained(path)
 
 
@@ -414,7 +431,7 @@ def test_gguf_unsupported_quant_type(gguf_model, tmp_path):
 def test_gguf_non_llama_architecture(gguf_model, tmp_path):
   arch, params = gguf_model
   path = write_llama_gguf(tmp_path / "g.gguf", arch, params, gguf_arch="gpt2")
-  with pytest.raises(io.LoadError, match=r"g.gguf: GGUF architecture 'gpt2' is not supported \(only 'llama'\)"):
+  with pytest.raises(io.LoadError, match=r"g.gguf: GGUF architecture 'gpt2' is not supported"):
     io.load_pretrained(path)
 
 
@@ -468,7 +485,7 @@ def test_checkpoint_incomplete_or_mismatched(tmp_path):
   # An arch.json that disagrees with the saved params is caught by the same strict check.
   other = arch.replace_block(0, ffn=FFNSpec("swiglu", 128))
   (tmp_path / "ckpt" / io.ARCH_FILE).write_text(json.dumps(other.to_hf_config()))
-  with pytest.raises(io.LoadError, match=r"params: tensor 'model.layers.0.mlp.(gate|up|down)_proj.weight' has shape"):
+  with pytest.raises(io.LoadError, match=r"params: tensor 'model.layers.0.mlp.(gate|up|down)_proj"):
     io.load_checkpoint(tmp_path / "ckpt")
   with pytest.raises(io.LoadError, match=r"params passed to save_checkpoint: tensor .* has shape"):
     io.save_checkpoint(tmp_path / "c2", other, params)

@@ -17,8 +17,9 @@ CHATS = [
      {"role": "assistant", "content": "Rome."},
      {"role": "user", "content": "And  of Spain?\n\t(2 words max) <|im_end|>"}],
 ]
-ODD_TEXTS = ["", " ", "  leading spaces", "trailing \n\n", "digits 1234567 and 3.14159", "émoji 🤖 中文 ﬁ",
-             "tabs\tand\r\nCRLF", "<|im_start|>user\nhi<|im_end|>", "<|endoftext|><|endoftext|>x", "can't won't I'll"]
+ODD_TEXTS = ["", " ", "  leading spaces", "trailing \n\n", "digits 1234567 and 3.14159",
+             "émoji 🤖 中文 ﬁ", "tabs\tand\r\nCRLF", "<|im_start|>user\nhi<|im_end|>",
+             "<|endoftext|><|endoftext|>x", "can't won't I'll"]
 
 
 @pytest.fixture(scope="session")
