@@ -39,8 +39,9 @@ def greedy_both(arch, params, hf_model, ids_BxL: np.ndarray, n: int) -> tuple[np
 
 # ----------------------------------------------------------------------------- SmolLM2 (real weights)
 @pytest.fixture(scope="session")
-def smollm2(smollm2_gguf):
-  return io.load_pretrained(smollm2_gguf, dtype=jnp.float32)
+def smollm2(smollm2_parent):
+  """io.load_pretrained(smollm2_gguf, dtype=float32), shared with other test files via conftest."""
+  return smollm2_parent
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,657 @@
+"""Serving measurements of exported children in PyTorch (the H100 harness).
+
+    python -m puzzle_jax.harness measure --parent DIR [--child DIR] --out OUT.json [--quick]
+    python -m puzzle_jax.harness costs --arch-from DIR --keys k1,k2,... --batch B --prompt-len L \
+        --gen-len G --out costs.json [--check-whole]
+
+What it measures, on an exported directory (`puzzle_jax.export`, loaded with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`):
+  prefill   tokens/s of one prompt batch [B, L] (KV written, last-position logits), median of repeats.
+  decode    tokens/s over `new_tokens` greedy steps after a prompt of `decode_context` tokens.
+  requests  a workload of prompts in static, left-padded batches, each generating until EOS or the
+            cap: requests/s and tokens per request, so a child that writes longer answers is not
+            credited with per-token speed alone (the gpt-oss-puzzle paper's request-level metric).
+  costs     per-sub-block prefill/decode times as PyTorch modules, in the `puzzle_jax.costs/v1`
+            format the MIP reads (`--config.costs.table=PATH`).
+
+The decode path is our own lean runner (`StaticRunner`), not the HF forward: it reuses the loaded
+module's submodules (embedding, norms, q/k/v/o and MLP Linears, rotary, LM head) and drives a
+static, preallocated KV cache, one [B, K_i, S, H] pair per attention layer (K_i that layer's KV
+heads; heads before slots, the layout SDPA reads without a copy). Every step has fixed shapes and
+keeps all of its state on the device (next token, positions, write slot, done flags, outputs), so
+one step can be captured as a CUDA graph and replayed with no host work ("graphs"), or handed to
+`torch.compile(mode="reduce-overhead")` ("compile"); "eager" runs the same code directly (CPU).
+Attention reads the cache up to the current length rounded up to `bucket` slots (one graph per
+bucket), as a length-aware kernel would, instead of all S slots. The test proves greedy tokens equal
+`model.generate(do_sample=False)` of the HF module and `puzzle_jax.model.generate`.
+
+Axis legend as in `puzzle_jax.arch`: B batch, L prompt, S cache slots, D hidden, N query heads,
+K kv heads, G = N / K, H head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from puzzle_jax.arch import DTYPE_BYTES, Arch, AttnSpec, BlockSpec, FFNSpec
+
+BUCKET = 64  # cache slots attention reads are rounded up to this (a multiple of 16 keeps SDPA masks aligned).
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_EOS = 8  # stop ids a runner can hold (a fixed-size device buffer, so graphs need no recapture).
+DEFAULT_PROMPTS = [f"{ask} {topic}" for ask in ("Explain in a few sentences:", "Give three facts about")
+                   for topic in (
+    "photosynthesis", "the French Revolution", "black holes", "how vaccines work", "the water cycle",
+    "binary search", "plate tectonics", "the Roman Empire", "inflation in economics", "DNA replication",
+    "the theory of relativity", "climate change", "how a CPU works", "the Great Wall of China",
+    "volcanoes", "the human heart", "machine learning", "the Moon landing", "honey bees",
+    "the printing press", "electric cars", "the Amazon rainforest", "prime numbers", "Shakespeare",
+    "the immune system", "solar panels", "the Internet", "earthquakes", "the Renaissance",
+    "coffee", "the periodic table", "ocean tides")]
+
+
+# ----------------------------------------------------------------------------- loading
+def device_default() -> torch.device:
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str | None = None) -> torch.nn.Module:
+  """An exported directory as the HF module (shipped remote code), in eval mode on `device`."""
+  import transformers
+  device = torch.device(device) if device is not None else device_default()
+  m = transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=dtype,
+                                                        attn_implementation="sdpa")
+  return m.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """The directory's tokenizer, or None when the export has none."""
+  p = pathlib.Path(path)
+  if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    return None
+  import transformers
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    return transformers.AutoTokenizer.from_pretrained(str(p))
+
+
+def eos_ids_of(model: torch.nn.Module, tokenizer=None) -> tuple[int, ...]:
+  """Stop ids from generation_config.json (and the tokenizer's eos), deduplicated."""
+  ids: list[int] = []
+  for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+              getattr(model.config, "eos_token_id", None),
+              getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None):
+    if src is None:
+      continue
+    ids += [int(t) for t in (src if isinstance(src, (list, tuple)) else [src])]
+  return tuple(dict.fromkeys(ids))
+
+
+# ----------------------------------------------------------------------------- the lean forward
+def _round_up(x: int, m: int) -> int:
+  return max(m, -(-x // m) * m)
+
+
+def _neg(dtype: torch.dtype) -> float:
+  """The masked-score value of the modeling code (finite, so an all-masked row is uniform)."""
+  return max(-1e30, torch.finfo(dtype).min / 2)
+
+
+@dataclasses.dataclass
+class _Ctx:
+  """What every layer of one forward shares."""
+  cos: torch.Tensor  # [B, L, H] float32
+  sin: torch.Tensor
+  bias: dict  # window -> additive mask ([B, 1, L, L] prefill, [B, 1, 1, S] decode); None = plain causal
+  slot_1: torch.Tensor | None  # decode: the write slot, shape [1]; None: prefill writes slots [0, L)
+  keys: int  # decode: cache slots attention reads
+
+
+def _rotary_fns(layer: torch.nn.Module) -> tuple[Callable, Callable]:
+  """apply_rotary / repeat_kv of the module's own (remote) code, so RoPE is bit-for-bit theirs."""
+  mod = sys.modules[type(layer).__module__]
+  return mod.apply_rotary, mod.repeat_kv
+
+
+def _gqa(layer: torch.nn.Module, x: torch.Tensor, ctx: _Ctx, cache: tuple | None) -> torch.Tensor:
+  """GQA attention of one layer on the static cache; `layer.self_attn` supplies the projections."""
+  attn = layer.self_attn
+  apply_rotary, repeat_kv = _rotary_fns(layer)
+  b, length, _ = x.shape
+  n, k, h = attn.num_heads, attn.num_kv_heads, attn.head_dim
+  bias = ctx.bias[layer.window]
+  if ctx.slot_1 is not None:  # decode: queries grouped per kv head, [B, K, G, H], so no repeat_kv copy.
+    q = apply_rotary(attn.q_proj(x).view(b, k, n // k, h), ctx.cos, ctx.sin)
+    kk = apply_rotary(attn.k_proj(x).view(b, k, 1, h), ctx.cos, ctx.sin)
+    cache[0].index_copy_(2, ctx.slot_1, kk.to(cache[0].dtype))
+    cache[1].index_copy_(2, ctx.slot_1, attn.v_proj(x).view(b, k, 1, h).to(cache[1].dtype))
+    out = F.scaled_dot_product_attention(q, cache[0][:, :, :ctx.keys], cache[1][:, :, :ctx.keys],
+                                         attn_mask=bias, scale=attn.scaling)
+    return attn.o_proj(out.reshape(b, 1, n * h))
+  q = apply_rotary(attn.q_proj(x).view(b, length, n, h).transpose(1, 2), ctx.cos, ctx.sin)
+  kk = apply_rotary(attn.k_proj(x).view(b, length, k, h).transpose(1, 2), ctx.cos, ctx.sin)
+  v = attn.v_proj(x).view(b, length, k, h).transpose(1, 2)
+  if cache is not None:
+    cache[0][:, :, :length].copy_(kk)
+    cache[1][:, :, :length].copy_(v)
+  if bias is None:  # plain causal, no padding: flash attention reads the kv heads directly.
+    out = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+  else:
+    out = F.scaled_dot_product_attention(q, repeat_kv(kk, n // k), repeat_kv(v, n // k), attn_mask=bias,
+                                         scale=attn.scaling)
+  return attn.o_proj(out.transpose(1, 2).reshape(b, length, n * h))
+
+
+def layer_deltas(layer: torch.nn.Module, h: torch.Tensor, ctx: _Ctx | None,
+                 cache: tuple | None) -> list[torch.Tensor]:
+  """[attention delta, FFN delta] of one `DeciLMDecoderLayer`, no-op parts left out (its forward's
+  contract), with GQA attention on our cache; linear attention and the MLP run their own forward."""
+  out = []
+  if layer.has_attention:
+    x = layer.input_layernorm(h)
+    out.append(_gqa(layer, x, ctx, cache) if layer.is_gqa else layer.self_attn(x))
+  if layer.has_ffn:
+    mid = h + out[0] if out else h
+    out.append(layer.mlp(layer.post_attention_layernorm(mid)))
+  return out
+
+
+# ----------------------------------------------------------------------------- static-cache runner
+class StaticRunner:
+  """Greedy generation for a fixed batch B and cache size S, all state on the device.
+
+  `prefill(tokens, mask)` fills slots [0, L) and emits the first token; each `step()` feeds the last
+  token, writes slot `length`, emits the next. After a stop id a row repeats the first stop id (as
+  `puzzle_jax.model.generate`); `n_gen` counts tokens up to and including the first stop.
+  """
+
+  def __init__(self, model: torch.nn.Module, batch: int, max_len: int, *, mode: str = "eager",
+               bucket: int = BUCKET, capture: bool = True):
+    base = model.model
+    if not hasattr(base, "runs") or not hasattr(base, "attention_layers"):
+      raise TypeError(f"{type(model).__name__} is not the shipped DeciLM modeling code "
+                      "(export the model with puzzle_jax.export)")
+    if mode not in ("eager", "graphs", "compile"):
+      raise ValueError(f"mode must be 'eager', 'graphs' or 'compile', got {mode!r}")
+    self.model, self.base, self.batch, self.bucket, self.mode = model, base, batch, bucket, mode
+    self.slots = _round_up(max_len, bucket)
+    p = next(model.parameters())
+    self.device, self.dtype = p.device, p.dtype
+    if mode != "eager" and self.device.type != "cuda":
+      raise ValueError(f"mode={mode!r} needs CUDA; use mode='eager' on {self.device}")
+    cfg = model.config
+    self.cache = {i: tuple(torch.zeros(batch, base.layers[i].self_attn.num_kv_heads, self.slots, cfg.head_dim,
+                                       dtype=self.dtype, device=self.device) for _ in range(2))
+                  for i in base.attention_layers}
+    self.windows = {base.layers[i].window for i in base.attention_layers}
+    self._state()
+    self.length = 0  # slots filled (host copy, picks the bucket)
+    self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    self._prefill_graphs: dict[tuple, tuple] = {}
+    if mode == "graphs" and capture:  # before any prefill: warm-up steps may scribble on the state
+      self._capture_decode()
+    elif mode == "compile":
+      self._setup_compile()
+
+  def _state(self) -> None:
+    d, b = self.device, self.batch
+    self.valid = torch.zeros(b, self.slots, dtype=torch.bool, device=d)
+    self.ar = torch.arange(self.slots + 1, device=d)
+    self.slot = torch.zeros((), dtype=torch.long, device=d)
+    self.pos = torch.zeros(b, dtype=torch.long, device=d)
+    self.tok = torch.zeros(b, dtype=torch.long, device=d)
+    self.done = torch.zeros(b, dtype=torch.bool, device=d)
+    self.n_gen = torch.zeros(b, dtype=torch.long, device=d)
+    self.t = torch.zeros((), dtype=torch.long, device=d)
+    self.out = torch.zeros(b, self.slots + 1, dtype=torch.long, device=d)
+    self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=d)
+
+  @property
+  def kv_cache_bytes(self) -> int:
+    return sum(2 * c[0].numel() * c[0].element_size() for c in self.cache.values())
+
+  # --------------------------------------------------------------- the two kernels of work
+  def _blocks(self, h: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    for run in self.base.runs:  # deltas summed in the reference's order: ((a_0 + f_0) + a_1) + f_1 ...
+      delta = None
+      for i in run:
+        for d in layer_deltas(self.base.layers[i], h, ctx, self.cache.get(i)):
+          delta = d if delta is None else delta + d
+      if delta is not None:
+        h = h + delta
+    return h
+
+  def _emit(self, hidden_last: torch.Tensor) -> None:
+    """Greedy token from the last hidden state, written into the device state (no host sync)."""
+    logits = self.model.lm_head(self.base.norm(hidden_last))
+    nxt = torch.where(self.done, self.eos[0], logits.argmax(-1))
+    self.n_gen.add_((~self.done).long())
+    self.done.logical_or_((nxt[:, None] == self.eos[None, :]).any(-1))
+    self.out.index_copy_(1, self.t.view(1), nxt[:, None])
+    self.t.add_(1)
+    self.tok.copy_(nxt)
+
+  @torch.no_grad()
+  def _prefill_impl(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
+    b, length = tokens.shape
+    self.valid.zero_()
+    if mask is None:
+      self.valid[:, :length] = True
+      positions = self.ar[:length].expand(b, length)
+      self.pos.fill_(length)
+    else:
+      self.valid[:, :length].copy_(mask)
+      positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+      self.pos.copy_(mask.sum(-1))
+    self.slot.fill_(length)
+    cos, sin = self.base.rotary_emb(positions)
+    h = self._blocks(self.base.embed_tokens(tokens), _Ctx(cos, sin, self._prefill_bias(mask, length), None, 0))
+    self.done.zero_()
+    self.n_gen.zero_()
+    self.t.zero_()
+    self._emit(h[:, -1])
+
+  def _prefill_bias(self, mask: torch.Tensor | None, length: int) -> dict:
+    out = {}
+    rel = self.ar[:length, None] - self.ar[None, :length]  # q slot - k slot
+    for w in self.windows:
+      if mask is None and (w is None or w >= length):
+        out[w] = None
+        continue
+      ok = (rel >= 0) & (rel < w) if w is not None else rel >= 0
+      ok = ok[None] & mask[:, None, :] if mask is not None else ok[None].expand(self.batch, -1, -1)
+      bias = torch.zeros(ok.shape, dtype=self.dtype, device=self.device).masked_fill_(~ok, _neg(self.dtype))
+      out[w] = bias[:, None]
+    return out
+
+  @torch.no_grad()
+  def _step_impl(self, keys: int) -> None:
+    h = self.base.embed_tokens(self.tok[:, None])
+    cos, sin = self.base.rotary_emb(self.pos[:, None])
+    slot_1 = self.slot.view(1)
+    self.valid.index_fill_(1, slot_1, True)
+    h = self._blocks(h, _Ctx(cos, sin, self._decode_bias(keys), slot_1, keys))
+    self._emit(h[:, -1])
+    self.pos.add_(1)
+    self.slot.add_(1)
+
+  def _decode_bias(self, keys: int) -> dict:
+    ok = self.valid[:, :keys]  # written slots only: later slots were cleared by the prefill
+    out = {}
+    for w in self.windows:
+      okw = ok & ((self.slot - self.ar[:keys]) < w)[None] if w is not None else ok
+      bias = torch.zeros(okw.shape, dtype=self.dtype, device=self.device).masked_fill_(~okw, _neg(self.dtype))
+      out[w] = bias[:, None, None]
+    return out
+
+  # --------------------------------------------------------------- graphs / compile
+  def _buckets(self) -> list[int]:
+    return list(range(self.bucket, self.slots + 1, self.bucket))
+
+  def _capture_decode(self) -> None:
+    """One CUDA graph per key bucket, sharing one memory pool (replayed one at a time, in order)."""
+    pool = torch.cuda.graph_pool_handle()
+    for keys in self._buckets():
+      self._graphs[keys] = _capture(lambda keys=keys: self._step_impl(keys), reset=self._reset_counters,
+                                    pool=pool)
+    self._reset_counters()
+
+  def _reset_counters(self) -> None:
+    """Keep warm-up steps in bounds; the prefill overwrites everything they touched."""
+    self.slot.zero_()
+    self.t.zero_()
+    self.pos.zero_()
+
+  def _setup_compile(self) -> None:
+    import torch._dynamo
+    for t in [self.valid, self.slot, self.pos, self.tok, self.done, self.n_gen, self.t, self.out, self.eos,
+              *[c for pair in self.cache.values() for c in pair]]:
+      torch._dynamo.mark_static_address(t)  # mutated in place: static inputs keep cudagraphs on
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # one specialization per key bucket
+      if hasattr(cfg, name):
+        setattr(cfg, name, max(getattr(cfg, name), 4 * len(self._buckets())))
+    self._compiled = torch.compile(self._step_impl, mode="reduce-overhead", dynamic=False)
+
+  # --------------------------------------------------------------- public
+  def set_eos(self, eos_ids: Sequence[int]) -> None:
+    if len(eos_ids) > MAX_EOS:
+      raise ValueError(f"at most {MAX_EOS} stop ids, got {len(eos_ids)}")
+    self.eos.fill_(-1)
+    if eos_ids:
+      self.eos[:len(eos_ids)] = torch.tensor(list(eos_ids), dtype=torch.long, device=self.device)
+
+  def prefill(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, graphed: bool = False) -> None:
+    """tokens [B, L] (left-padded where mask is 0; mask None = no padding). `graphed` captures one
+    CUDA graph per (L, padded) on first use (for timing repeated prefills of one shape)."""
+    b, length = tokens.shape
+    if b != self.batch or length >= self.slots:
+      raise ValueError(f"prompt batch {tuple(tokens.shape)} does not fit runner batch {self.batch}, "
+                       f"{self.slots} slots")
+    tokens = tokens.to(self.device)
+    mask = None if mask is None else mask.to(device=self.device, dtype=torch.bool)
+    if graphed and self.mode != "eager":
+      key = (length, mask is not None)
+      if key not in self._prefill_graphs:
+        bufs = (tokens.clone(), None if mask is None else mask.clone())
+        self._prefill_graphs[key] = (bufs, _capture(lambda: self._prefill_impl(*bufs)))
+      (tok_buf, mask_buf), graph = self._prefill_graphs[key]
+      tok_buf.copy_(tokens)
+      if mask is not None:
+        mask_buf.copy_(mask)
+      graph.replay()
+    else:
+      self._prefill_impl(tokens, mask)
+    self.length = length
+
+  def step(self) -> None:
+    keys = min(self.slots, _round_up(self.length + 1, self.bucket))
+    if self.length >= self.slots:
+      raise RuntimeError(f"cache full ({self.slots} slots); build the runner with a larger max_len")
+    if self.mode == "graphs":
+      if keys not in self._graphs:
+        raise RuntimeError("decode graphs were not captured (runner built with capture=False)")
+      self._graphs[keys].replay()
+    elif self.mode == "compile":
+      torch.compiler.cudagraph_mark_step_begin()
+      self._compiled(keys)
+    else:
+      self._step_impl(keys)
+    self.length += 1
+
+  def decode(self, steps: int) -> None:
+    for _ in range(steps):
+      self.step()
+
+  def generate(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, max_new_tokens: int,
+               eos_ids: Sequence[int] = (), check_every: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy: (new tokens [B, max_new_tokens] on CPU, tokens generated per row incl. the stop).
+
+    With stop ids the loop ends once every row has stopped, checked every `check_every` steps (a
+    host sync each check); rows past their stop repeat the first stop id."""
+    self.set_eos(eos_ids)
+    self.prefill(tokens, mask)
+    steps = 0
+    for i in range(max_new_tokens - 1):
+      if eos_ids and i % check_every == 0 and bool(self.done.all()):
+        break
+      self.step()
+      steps += 1
+    out = self.out[:, :max_new_tokens].clone()
+    if steps + 1 < max_new_tokens:  # stopped early: the rest is the stop id, as if generated
+      out[:, steps + 1:] = self.eos[0]
+    return out.cpu(), self.n_gen.cpu()
+
+
+def _capture(fn: Callable[[], None], *, reset: Callable[[], None] | None = None, pool=None) -> torch.cuda.CUDAGraph:
+  """Warm up on a side stream (cuBLAS handles, lazy RoPE tables), then capture `fn` once."""
+  if reset is not None:
+    reset()
+  s = torch.cuda.Stream()
+  s.wait_stream(torch.cuda.current_stream())
+  with torch.cuda.stream(s):
+    for _ in range(2):
+      fn()
+  torch.cuda.current_stream().wait_stream(s)
+  if reset is not None:
+    reset()
+  graph = torch.cuda.CUDAGraph()
+  with torch.cuda.graph(graph, pool=pool):
+    fn()
+  return graph
+
+
+# ----------------------------------------------------------------------------- timing helpers
+def _sync(device: torch.device) -> None:
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+  """Seconds of one call: CUDA events on the GPU, wall clock (after a sync) elsewhere."""
+  if device.type == "cuda":
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def _summary(times: Sequence[float]) -> dict[str, float]:
+  t = np.asarray(times, np.float64)
+  q25, q75 = np.percentile(t, [25, 75])
+  return {"s": float(np.median(t)), "min": float(t.min()), "iqr": float(q75 - q25)}
+
+
+def _reset_peak(device: torch.device) -> None:
+  if device.type == "cuda":
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+  return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _resolve_mode(mode: str, device: torch.device) -> str:
+  if mode not in ("graphs", "compile", "eager"):
+    raise ValueError(f"mode must be 'graphs', 'compile' or 'eager', got {mode!r}")
+  return mode if device.type == "cuda" else "eager"
+
+
+IMPL = {
+    "graphs": "static KV cache; one decode step (embed, layers, LM head, greedy argmax, feedback) captured "
+              "as a torch.cuda.CUDAGraph per key bucket and replayed; prefill: one CUDA graph per shape",
+    "compile": "static KV cache; the same decode step under torch.compile(mode='reduce-overhead') "
+               "(cudagraph trees); prefill: one CUDA graph per shape",
+    "eager": "static KV cache; the same step run eagerly (no graphs); prefill eager",
+}
+
+
+# ----------------------------------------------------------------------------- measure_model
+def _model_info(model: torch.nn.Module, path: str | None) -> dict[str, Any]:
+  base = model.model
+  kv_tok = sum(2 * base.layers[i].self_attn.num_kv_heads * model.config.head_dim for i in base.attention_layers)
+  return {"path": path, "params": sum(p.numel() for p in model.parameters()), "layers": len(base.layers),
+          "attention_layers": len(base.attention_layers),
+          "kv_bytes_per_token": kv_tok * next(model.parameters()).element_size()}
+
+
+def _as_model(model_or_dir, dtype: torch.dtype, device: torch.device | None) -> tuple[torch.nn.Module, str | None]:
+  if isinstance(model_or_dir, torch.nn.Module):
+    return model_or_dir.eval(), None
+  return load_model(model_or_dir, dtype=dtype, device=device), str(model_or_dir)
+
+
+def _random_tokens(vocab: int, shape: tuple[int, int], seed: int, device: torch.device) -> torch.Tensor:
+  g = torch.Generator().manual_seed(seed)
+  return torch.randint(0, vocab, shape, generator=g).to(device)
+
+
+def measure_prefill(model: torch.nn.Module, batch: int, prompt_len: int, *, mode: str, repeats: int = 5,
+                    warmup: int = 2, seed: int = 0) -> dict[str, Any]:
+  """Prefill tokens/s of random prompts [batch, prompt_len] (KV written, last-position logits)."""
+  dev = next(model.parameters()).device
+  _reset_peak(dev)
+  runner = StaticRunner(model, batch, prompt_len + 1, mode=mode, capture=False)  # no decode graphs needed
+  tokens = _random_tokens(model.config.vocab_size, (batch, prompt_len), seed, dev)
+  fn = lambda: runner.prefill(tokens, graphed=mode != "eager")
+  for _ in range(warmup):
+    fn()
+  _sync(dev)
+  stats = _summary([_timed(fn, dev) for _ in range(repeats)])
+  out = {"batch": batch, "prompt_len": prompt_len, **stats, "repeats": repeats,
+         "tokens_per_s": batch * prompt_len / stats["s"], "peak_memory_bytes": _peak(dev)}
+  del runner
+  return out
+
+
+def measure_decode(model: torch.nn.Module, batch: int, context: int, new_tokens: int, *, mode: str,
+                   repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+  """Greedy decode tokens/s: `new_tokens` steps after a random prompt of `context` tokens (the
+  prefill is not timed). step_s is the mean step; the mean context is context + new_tokens / 2."""
+  dev = next(model.parameters()).device
+  _reset_peak(dev)
+  runner = StaticRunner(model, batch, context + new_tokens + 1, mode=mode)
+  tokens = _random_tokens(model.config.vocab_size, (batch, context), seed, dev)
+  times = []
+  for r in range(warmup + repeats):
+    runner.prefill(tokens)
+    _sync(dev)
+    t = _timed(lambda: runner.decode(new_tokens), dev)
+    if r >= warmup:
+      times.append(t)
+  stats = _summary(times)
+  out = {"batch": batch, "context": context, "new_tokens": new_tokens, **stats, "repeats": repeats,
+         "step_s": stats["s"] / new_tokens, "tokens_per_s": batch * new_tokens / stats["s"],
+         "kv_cache_bytes": runner.kv_cache_bytes, "cache_slots": runner.slots, "peak_memory_bytes": _peak(dev)}
+  del runner
+  return out
+
+
+def measure_model(model_or_dir, *, prefill_grid: Iterable[tuple[int, int]] = ((16, 1024), (1, 1024)),
+                  decode_batches: Iterable[int] = (1, 64, 256), decode_context: int = 512,
+                  new_tokens: int = 128, dtype: torch.dtype = torch.bfloat16, mode: str = "graphs",
+                  device: torch.device | str | None = None, repeats: int = 5, warmup: int = 2) -> dict[str, Any]:
+  """Prefill tokens/s per (batch, prompt_len), decode tokens/s per batch, peak memory."""
+  model, path = _as_model(model_or_dir, dtype, None if device is None else torch.device(device))
+  dev = next(model.parameters()).device
+  run_mode = _resolve_mode(mode, dev)
+  out = {"model": _model_info(model, path), "device": _device_name(dev), "dtype": str(next(model.parameters()).dtype),
+         "mode": run_mode, "mode_requested": mode, "impl": IMPL[run_mode], "bucket": BUCKET}
+  out["prefill"] = [measure_prefill(model, b, l, mode=run_mode, repeats=repeats, warmup=warmup)
+                    for b, l in prefill_grid]
+  out["decode"] = [measure_decode(model, b, decode_context, new_tokens, mode=run_mode,
+                                  repeats=max(1, repeats // 2 + 1), warmup=1) for b in decode_batches]
+  peaks = [r["peak_memory_bytes"] for r in out["prefill"] + out["decode"] if r["peak_memory_bytes"] is not None]
+  out["peak_memory_bytes"] = max(peaks) if peaks else None
+  return out
+
+
+def _device_name(dev: torch.device) -> str:
+  return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+# ----------------------------------------------------------------------------- requests
+def _encode(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+  """A prompt as token ids; text goes through the chat template when the tokenizer has one."""
+  if not isinstance(prompt, str):
+    return [int(t) for t in prompt]
+  if tokenizer is None:
+    raise ValueError("text prompts need a tokenizer; pass token ids or a tokenizer")
+  if getattr(tokenizer, "chat_template", None):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+  return list(tokenizer(prompt)["input_ids"])
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+  """(tokens [batch, L], mask, active): left-padded; rows past len(seqs) repeat the last prompt and
+  are inactive (stopped from the start, so they never hold the batch)."""
+  length = max(len(s) for s in seqs)
+  tokens = torch.zeros(batch, length, dtype=torch.long)
+  mask = torch.zeros(batch, length, dtype=torch.bool)
+  for r in range(batch):
+    s = seqs[min(r, len(seqs) - 1)]
+    tokens[r, length - len(s):] = torch.tensor(list(s), dtype=torch.long)
+    mask[r, length - len(s):] = True
+  return tokens, mask, torch.arange(batch) < len(seqs)
+
+
+def measure_requests(model_or_dir, tokenizer, prompts: Sequence[str | Sequence[int]], *, batch: int,
+                     max_new_tokens: int, eos_ids: Sequence[int] | None = None, mode: str = "graphs",
+                     check_every: int = 8, dtype: torch.dtype = torch.bfloat16,
+                     samples: int = 2) -> dict[str, Any]:
+  """Request-level efficiency: the prompts in static batches of `batch` (left-padded, in order), each
+  request generating greedily until a stop id or `max_new_tokens`; a batch runs until its last
+  request stops. Reports requests/s, tokens/s and generated tokens per request (incl. the stop)."""
+  model, _ = _as_model(model_or_dir, dtype, None)
+  dev = next(model.parameters()).device
+  run_mode = _resolve_mode(mode, dev)
+  ids = [_encode(tokenizer, p) for p in prompts]
+  eos = tuple(eos_ids) if eos_ids is not None else eos_ids_of(model, tokenizer)
+  runner = StaticRunner(model, batch, max(len(s) for s in ids) + max_new_tokens + 1, mode=run_mode)
+  groups = [list(range(i, min(i + batch, len(ids)))) for i in range(0, len(ids), batch)]
+
+  def run(rows: list[int], cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, mask, active = _left_pad([ids[j] for j in rows], batch)
+    return runner.generate(tokens, mask, max_new_tokens=cap, eos_ids=eos, check_every=check_every,
+                           active=active)
+
+  run(groups[0], min(4, max_new_tokens))  # warm-up: first-use costs (cuBLAS, allocator) untimed
+  _sync(dev)
+  new, outs = [0] * len(ids), [None] * len(ids)
+  t0 = time.perf_counter()
+  for rows in groups:
+    out, n_gen = run(rows, max_new_tokens)  # returns on the host: synchronized
+    for r, j in enumerate(rows):
+      new[j], outs[j] = int(n_gen[r]), out[r, :int(n_gen[r])].tolist()
+  elapsed = time.perf_counter() - t0
+  total = sum(new)
+  result = {"requests": len(ids), "batch": batch, "max_new_tokens": max_new_tokens, "eos_ids": list(eos),
+            "mode": run_mode, "batching": "static: left-padded batches in prompt order; a batch runs until "
+            "all its requests stop or hit the cap", "s": elapsed, "requests_per_s": len(ids) / elapsed,
+            "tokens_per_s": total / elapsed, "mean_new_tokens": total / len(ids),
+            "mean_prompt_tokens": sum(map(len, ids)) / len(ids),
+            "stopped_frac": sum(any(t in eos for t in o) for o in outs) / len(ids), "new_tokens": new}
+  if tokenizer is not None and samples:
+    result["samples"] = [tokenizer.decode(o, skip_special_tokens=True) for o in outs[:samples]]
+  return result
+
+
+def greedy_check(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, new_tokens: int = 16,
+                 mode: str = "graphs", eos_ids: Sequence[int] = ()) -> dict[str, Any]:
+  """The runner (in `mode`, and eager) against HF `generate(do_sample=False)` on a left-padded batch.
+  Graphs replay the eager kernels, so runner tokens should be equal; vs HF in bf16, a near-tie may flip
+  a token, hence a matching fraction rather than a pass/fail."""
+  dev = next(model.parameters()).device
+  tokens, mask, _ = _left_pad(prompts, len(prompts))
+  got = {}
+  for m in dict.fromkeys((_resolve_mode(mode, dev), "eager")):
+    runner = StaticRunner(model, len(prompts), tokens.shape[1] + new_tokens + 1, mode=m)
+    got[m] = runner.generate(tokens, mask, max_new_tokens=new_tokens, eos_ids=eos_ids)[0]
+    del runner
+  ref = hf_generate(model, tokens, mask, new_tokens, eos_ids)
+  first = got[_resolve_mode(mode, dev)]
+  return {"new_tokens": new_tokens, "rows": len(prompts),
+          "runner_equals_eager_runner": bool(torch.equal(first, got["eager"])),
+          "match_frac_vs_hf": float((first == ref).float().mean()),
+          "prefix_match_vs_hf": [int(_prefix(a, b)) for a, b in zip(first, ref)]}
+
+
+def _prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+  diff = (a != b).nonzero()
+  return int(diff[0]) if len(diff) else len(a)
+
+
+@torch.no_grad()
+def hf_generate(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+                eos_ids: Sequence[int] = ()) -> torch.Tensor:
+  """HF greedy generation [B, new_tokens] (finished rows padded with the first stop id, as ours)."""
+  dev = next(model.parameters()).device
+  pad = eos_ids[0] if eos_ids else 0
+  kw = {"eos_token_id": list(eos_ids)} if eos_ids else {"min_new_tokens": new_tokens}
+  out = model.generate(tokens.to(dev), attention_mask=mask.to(dev).long(), max_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=pad, **kw)
+  out = out[:, tokens.shape[1]:].cpu()
+  if out.shape[1] < new_tokens:  # every row stopped early
+    out = torch.cat([out, torch.full((out.shape[0], new_tokens - out.shape[1]), pad)], 1)
+  return out
