@@ -7,34 +7,13 @@ whole search, skipping stages whose artifacts already exist.
 
 from __future__ import annotations
 
-import importlib
-
 from absl import app
 from ml_collections import config_flags
 
+from puzzle_jax.stages import STAGES, stage_fn
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py[:switches])",
                                           lock_config=True)
-
-# stage -> "module:function"; imported lazily so `--help` and light stages start fast.
-STAGES = {
-    "import": "puzzle_jax.workdir:run_import",
-    "bld": "puzzle_jax.bld:run",
-    "score": "puzzle_jax.scoring:run",
-    "costs": "puzzle_jax.costs:run",
-    "mip": "puzzle_jax.search:run",
-    "realize": "puzzle_jax.realize:run",
-    "evaluate": "puzzle_jax.evaluate:run",
-    "generate": "puzzle_jax.generate:run",
-    "export": "puzzle_jax.export:run",
-    "run": "puzzle_jax.workdir:run_all",
-}
-
-
-def stage_fn(name: str):
-  if name not in STAGES:
-    raise app.UsageError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
-  module, fn = STAGES[name].split(":")
-  return getattr(importlib.import_module(module), fn)
 
 
 def _main(argv) -> None:
@@ -47,7 +26,11 @@ def _main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   from puzzle_jax import workdir
   workdir.maybe_init_distributed(config)
-  stage_fn(argv[1])(config)
+  try:
+    fn = stage_fn(argv[1])
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  fn(config)
 
 
 def main() -> None:

@@ -29,8 +29,9 @@ exceeds `flush_bytes` (at most `max_copies`), so they don't sit in the on-chip c
 different layers; on a CPU, one hot copy made a decode FFN look ~3.5x faster. An optimization
 barrier ties each copy's weights to the loop-carried activations, so weight-only work (dtype
 converts, layout changes) is redone per application as in a real step, not hoisted out of the
-loop. The KV caches are loop state, donated and updated in place. Reported per application: the median over `repeats`
-calls (after `warmup` calls), plus min and IQR, and `*_reps`, the applications per timed call.
+loop. The KV caches are loop state, donated and updated in place. Reported per application: the
+median over `repeats` calls (after `warmup` calls), plus min and IQR, and `*_reps`, the
+applications per timed call.
 No-op variants cost exactly 0 and are not timed.
 
 Axis legend as in `puzzle_jax.arch`: B batch, L prompt, S cache slots, D hidden, K kv heads, H head dim.
@@ -151,10 +152,10 @@ def _loop(bench: _Bench, n_copies: int, n_inner: int | None) -> Callable:
 
 def _calls(fn: Callable, params_C: list, h: Any, states_C: list, n: int, count: int) -> tuple[np.ndarray, list]:
   """Seconds of each of `count` calls, and the states to pass on (the old ones were donated)."""
-  times = []
+  n_arr, times = jnp.int32(n), []  # on device once, not a transfer inside every timed call.
   for _ in range(count):
     t0 = time.perf_counter()
-    _, states_C = jax.block_until_ready(fn(params_C, h, states_C, jnp.int32(n)))
+    _, states_C = jax.block_until_ready(fn(params_C, h, states_C, n_arr))
     times.append(time.perf_counter() - t0)
   return np.asarray(times), states_C
 
@@ -257,7 +258,9 @@ def _subblock_bench(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario, mode: st
     params = _random_params(lambda k: (model.attn_init if is_attn else model.ffn_init)(k, spec, arch, dt),
                             seed + 7919 * c)
     rng = np.random.default_rng([seed, c])
-    cache = {"k": _normal(rng, cache_shape, kv_dt), "v": _normal(rng, cache_shape, kv_dt)} if with_cache else None
+    cache = None
+    if with_cache:
+      cache = {"k": _normal(rng, cache_shape, kv_dt), "v": _normal(rng, cache_shape, kv_dt)}
     return params, cache
 
   def step(ctx, p, h, cache):
@@ -379,7 +382,8 @@ def measure_model(arch: Arch, params: model.Params | None, scenario: Scenario, *
   timed = []
   for mode, step in (("prefill", prefill), ("decode", decode)):
     make_copy = lambda c, mode=mode: (params, _decode_cache(arch, scenario, seed) if mode == "decode" else None)
-    timed.append(_time(_Bench(lambda: None, step, make_copy, _tokens(arch, scenario, mode, seed), None), scenario))
+    bench = _Bench(lambda: None, step, make_copy, _tokens(arch, scenario, mode, seed), None)
+    timed.append(_time(bench, scenario))
   return {**_stats(*timed), "weight_bytes": arch.weight_bytes(scenario.dtype),
           "kv_bytes": arch.kv_cache_bytes(scenario.batch, scenario.max_context, scenario.kv_dtype),
           "params": arch.num_params()}
@@ -464,7 +468,8 @@ def _check_entry(entry: Any, fields: tuple[str, ...], what: str) -> None:
   missing = [f for f in fields if f not in entry]
   if missing:
     raise CostTableError(f"{what} lacks field(s) {missing}")
-  bad = [f for f in fields if not (isinstance(entry[f], (int, float)) and math.isfinite(entry[f]) and entry[f] >= 0)]
+  bad = [f for f in fields
+         if not (isinstance(entry[f], (int, float)) and math.isfinite(entry[f]) and entry[f] >= 0)]
   if bad:
     raise CostTableError(f"{what}: field(s) {bad} are not finite non-negative numbers")
 
@@ -551,3 +556,25 @@ def analytic_table(arch: Arch, keys: Iterable[str], scenario: Scenario, *, peak_
   for k in dict.fromkeys(keys):
     table["variants"][k] = _analytic_variant(arch, _as_spec(k), scenario, peak_flops, bandwidth)
   return table
+
+
+def run(config) -> pathlib.Path:
+  """`python -m puzzle_jax costs`: measure every library variant (or validate a given table)."""
+  from puzzle_jax import bld, workdir as W
+  paths = W.Paths.from_config(config)
+  if paths.costs.exists():
+    print(f"costs: {paths.costs} exists, skipping")
+    return paths.costs
+  library = bld.load_library(paths.library)
+  keys = sorted({c.key for c in library.candidates})
+  c = config.costs
+  scenario = Scenario(batch=c.batch, prompt_len=c.prompt_len, gen_len=c.gen_len, dtype=c.dtype,
+                      kv_dtype=c.kv_dtype, repeats=c.repeats)
+  if c.table:
+    table = load_cost_table(c.table, library.arch, keys)  # from another harness (e.g. PyTorch/H100)
+  else:
+    table = cost_table(library.arch, keys, scenario, seed=config.seed)
+  save_cost_table(table, paths.costs)
+  print(f"costs ({table['backend']}, {table['device']}): " + ", ".join(
+      f"{k} {v['decode_s'] * 1e6:.0f}us" for k, v in table["variants"].items()))
+  return paths.costs

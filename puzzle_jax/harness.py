@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -120,29 +121,38 @@ class _Ctx:
   keys: int  # decode: cache slots attention reads
 
 
-def _rotary_fns(layer: torch.nn.Module) -> tuple[Callable, Callable]:
-  """apply_rotary / repeat_kv of the module's own (remote) code, so RoPE is bit-for-bit theirs."""
-  mod = sys.modules[type(layer).__module__]
-  return mod.apply_rotary, mod.repeat_kv
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+  """x [B, heads, L, H] (or [B, K, G, H] with L = 1); cos/sin [B, L, H] float32, cast to x's dtype:
+  the modeling code's rotate-half RoPE, op for op (so the same bits)."""
+  cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+  half = x.shape[-1] // 2
+  return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+  """[B, K, S, H] -> [B, K * groups, S, H]; query head n reads kv head n // groups."""
+  if groups == 1:
+    return x
+  b, k, s, h = x.shape
+  return x[:, :, None].expand(b, k, groups, s, h).reshape(b, k * groups, s, h)
 
 
 def _gqa(layer: torch.nn.Module, x: torch.Tensor, ctx: _Ctx, cache: tuple | None) -> torch.Tensor:
   """GQA attention of one layer on the static cache; `layer.self_attn` supplies the projections."""
   attn = layer.self_attn
-  apply_rotary, repeat_kv = _rotary_fns(layer)
   b, length, _ = x.shape
   n, k, h = attn.num_heads, attn.num_kv_heads, attn.head_dim
   bias = ctx.bias[layer.window]
   if ctx.slot_1 is not None:  # decode: queries grouped per kv head, [B, K, G, H], so no repeat_kv copy.
-    q = apply_rotary(attn.q_proj(x).view(b, k, n // k, h), ctx.cos, ctx.sin)
-    kk = apply_rotary(attn.k_proj(x).view(b, k, 1, h), ctx.cos, ctx.sin)
+    q = _apply_rotary(attn.q_proj(x).view(b, k, n // k, h), ctx.cos, ctx.sin)
+    kk = _apply_rotary(attn.k_proj(x).view(b, k, 1, h), ctx.cos, ctx.sin)
     cache[0].index_copy_(2, ctx.slot_1, kk.to(cache[0].dtype))
     cache[1].index_copy_(2, ctx.slot_1, attn.v_proj(x).view(b, k, 1, h).to(cache[1].dtype))
     out = F.scaled_dot_product_attention(q, cache[0][:, :, :ctx.keys], cache[1][:, :, :ctx.keys],
                                          attn_mask=bias, scale=attn.scaling)
     return attn.o_proj(out.reshape(b, 1, n * h))
-  q = apply_rotary(attn.q_proj(x).view(b, length, n, h).transpose(1, 2), ctx.cos, ctx.sin)
-  kk = apply_rotary(attn.k_proj(x).view(b, length, k, h).transpose(1, 2), ctx.cos, ctx.sin)
+  q = _apply_rotary(attn.q_proj(x).view(b, length, n, h).transpose(1, 2), ctx.cos, ctx.sin)
+  kk = _apply_rotary(attn.k_proj(x).view(b, length, k, h).transpose(1, 2), ctx.cos, ctx.sin)
   v = attn.v_proj(x).view(b, length, k, h).transpose(1, 2)
   if cache is not None:
     cache[0][:, :, :length].copy_(kk)
@@ -150,7 +160,7 @@ def _gqa(layer: torch.nn.Module, x: torch.Tensor, ctx: _Ctx, cache: tuple | None
   if bias is None:  # plain causal, no padding: flash attention reads the kv heads directly.
     out = F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
   else:
-    out = F.scaled_dot_product_attention(q, repeat_kv(kk, n // k), repeat_kv(v, n // k), attn_mask=bias,
+    out = F.scaled_dot_product_attention(q, _repeat_kv(kk, n // k), _repeat_kv(v, n // k), attn_mask=bias,
                                          scale=attn.scaling)
   return attn.o_proj(out.transpose(1, 2).reshape(b, length, n * h))
 
@@ -338,7 +348,7 @@ class StaticRunner:
     """tokens [B, L] (left-padded where mask is 0; mask None = no padding). `graphed` captures one
     CUDA graph per (L, padded) on first use (for timing repeated prefills of one shape)."""
     b, length = tokens.shape
-    if b != self.batch or length >= self.slots:
+    if b != self.batch or length > self.slots:
       raise ValueError(f"prompt batch {tuple(tokens.shape)} does not fit runner batch {self.batch}, "
                        f"{self.slots} slots")
     tokens = tokens.to(self.device)
@@ -377,13 +387,17 @@ class StaticRunner:
       self.step()
 
   def generate(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, max_new_tokens: int,
-               eos_ids: Sequence[int] = (), check_every: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+               eos_ids: Sequence[int] = (), check_every: int = 8,
+               active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy: (new tokens [B, max_new_tokens] on CPU, tokens generated per row incl. the stop).
 
     With stop ids the loop ends once every row has stopped, checked every `check_every` steps (a
-    host sync each check); rows past their stop repeat the first stop id."""
+    host sync each check); rows past their stop repeat the first stop id. Rows where `active` is
+    False (batch filler) count as stopped after their first token."""
     self.set_eos(eos_ids)
     self.prefill(tokens, mask)
+    if active is not None:
+      self.done.logical_or_(~active.to(self.device))
     steps = 0
     for i in range(max_new_tokens - 1):
       if eos_ids and i % check_every == 0 and bool(self.done.all()):
@@ -441,6 +455,7 @@ def _summary(times: Sequence[float]) -> dict[str, float]:
 
 
 def _reset_peak(device: torch.device) -> None:
+  gc.collect()  # runners of earlier measurements (a compiled step holds a cycle) release their memory
   if device.type == "cuda":
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -490,7 +505,7 @@ def measure_prefill(model: torch.nn.Module, batch: int, prompt_len: int, *, mode
   """Prefill tokens/s of random prompts [batch, prompt_len] (KV written, last-position logits)."""
   dev = next(model.parameters()).device
   _reset_peak(dev)
-  runner = StaticRunner(model, batch, prompt_len + 1, mode=mode, capture=False)  # no decode graphs needed
+  runner = StaticRunner(model, batch, prompt_len, mode=mode, capture=False)  # no decode graphs needed
   tokens = _random_tokens(model.config.vocab_size, (batch, prompt_len), seed, dev)
   fn = lambda: runner.prefill(tokens, graphed=mode != "eager")
   for _ in range(warmup):
@@ -509,7 +524,7 @@ def measure_decode(model: torch.nn.Module, batch: int, context: int, new_tokens:
   prefill is not timed). step_s is the mean step; the mean context is context + new_tokens / 2."""
   dev = next(model.parameters()).device
   _reset_peak(dev)
-  runner = StaticRunner(model, batch, context + new_tokens + 1, mode=mode)
+  runner = StaticRunner(model, batch, context + new_tokens, mode=mode)  # the last step writes slot c + n - 1
   tokens = _random_tokens(model.config.vocab_size, (batch, context), seed, dev)
   times = []
   for r in range(warmup + repeats):
@@ -648,10 +663,400 @@ def hf_generate(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor
   """HF greedy generation [B, new_tokens] (finished rows padded with the first stop id, as ours)."""
   dev = next(model.parameters()).device
   pad = eos_ids[0] if eos_ids else 0
-  kw = {"eos_token_id": list(eos_ids)} if eos_ids else {"min_new_tokens": new_tokens}
+  kw = {"eos_token_id": list(eos_ids) if eos_ids else None}  # None: ignore generation_config's stops
   out = model.generate(tokens.to(dev), attention_mask=mask.to(dev).long(), max_new_tokens=new_tokens,
                        do_sample=False, pad_token_id=pad, **kw)
   out = out[:, tokens.shape[1]:].cpu()
   if out.shape[1] < new_tokens:  # every row stopped early
     out = torch.cat([out, torch.full((out.shape[0], new_tokens - out.shape[1]), pad)], 1)
   return out
+
+
+# ----------------------------------------------------------------------------- cost tables
+def _bias(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+  """Boolean [B, L, S] -> additive mask [B, 1, L, S] (the modeling code's finite masked value)."""
+  return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, _neg(dtype))[:, None]
+
+
+def _one_layer(arch: Arch, spec: AttnSpec | FFNSpec, dtype: torch.dtype, device: torch.device,
+               seed: int) -> tuple[torch.nn.Module, Any]:
+  """A `DeciLMDecoderLayer` holding only `spec` (the other sub-block no-op), weights N(0, 1/fan_in)
+  as costs.py draws them, norms 1. Built from the shipped modeling code itself."""
+  from puzzle_jax.hf_export import configuration_decilm, modeling_decilm
+  block = BlockSpec(spec, FFNSpec("noop")) if isinstance(spec, AttnSpec) else BlockSpec(AttnSpec("noop"), spec)
+  one = dataclasses.replace(arch, blocks=(block,))
+  with warnings.catch_warnings():  # widths off the 256 grid warn about vLLM's ffn_mult (irrelevant here)
+    warnings.simplefilter("ignore")
+    cfg = configuration_decilm.DeciLMConfig(**one.to_hf_config())
+  layer = modeling_decilm.DeciLMDecoderLayer(cfg, 0)
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for mod in layer.modules():
+      if isinstance(mod, torch.nn.Linear):
+        mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * mod.weight.shape[1] ** -0.5)
+  return layer.to(device=device, dtype=dtype).eval(), cfg
+
+
+def _copies(copy_bytes: int, sc) -> int:
+  """Copies of weights (and cache) to cycle so their total exceeds the L2 (costs.py's rule)."""
+  return min(sc.max_copies, max(1, math.ceil(sc.flush_bytes / max(copy_bytes, 1))))
+
+
+def _subblock_fn(arch: Arch, spec: AttnSpec | FFNSpec, sc, mode: str, dtype: torch.dtype,
+                 device: torch.device, seed: int) -> tuple[Callable[[], None], int]:
+  """(fn, applications per call): one pass over the copies, each output added to the residual
+  stream that feeds the next (no work can be hoisted or dropped), as costs.py times it."""
+  from puzzle_jax import costs
+  from puzzle_jax.hf_export import modeling_decilm
+  b, d = sc.batch, arch.hidden_size
+  gqa = isinstance(spec, AttnSpec) and spec.kind == "gqa"
+  layer, cfg = _one_layer(arch, spec, dtype, device, seed)
+  rot = modeling_decilm.DeciLMRotaryEmbedding(cfg)
+  g = torch.Generator().manual_seed(seed + 1)
+  if mode == "prefill":
+    length, slots = sc.prompt_len, sc.prompt_len
+    pos = torch.arange(length).expand(b, length)
+    rel = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+    w = spec.window if gqa else None
+    bias = None if w is None or w >= length else _bias(((rel >= 0) & (rel < w))[None].expand(b, -1, -1).to(device), dtype)
+    slot_1, keys = None, 0
+  else:  # one token at the mean context: c - 1 filled slots, the token written into slot c - 1
+    c = sc.decode_context
+    length, slots = 1, _round_up(c, BUCKET)
+    pos = torch.full((b, 1), c - 1)
+    ok = torch.arange(slots) < c
+    if gqa and spec.window:
+      ok &= (c - 1 - torch.arange(slots)) < spec.window
+    bias = _bias(ok[None, None].expand(b, 1, -1).to(device), dtype)
+    slot_1, keys = torch.tensor([c - 1], device=device), slots
+  cos, sin = rot(pos.to(device))
+  ctx = _Ctx(cos, sin, {spec.window if gqa else None: bias}, slot_1, keys)
+  cache_shape = (b, spec.num_kv_heads or 0, slots, arch.head_dim) if gqa else None
+  copy_bytes = costs._weight_bytes(arch, spec, sc.dtype)
+  if gqa:
+    copy_bytes += 2 * math.prod(cache_shape) * torch.finfo(dtype).bits // 8
+  n = _copies(copy_bytes, sc)
+  layers = [layer] + [_one_layer(arch, spec, dtype, device, seed + 7919 * i)[0] for i in range(1, n)]
+  caches = [tuple(torch.randn(cache_shape, generator=g).to(device, dtype) for _ in range(2)) if gqa else None
+            for _ in range(n)]
+  h = torch.randn(b, length, d, generator=g).to(device, dtype)
+
+  @torch.no_grad()
+  def fn() -> None:
+    x = h
+    for lay, cache in zip(layers, caches):
+      x = x + layer_deltas(lay, x, ctx, cache)[0]
+    h.copy_(x)
+  return fn, n
+
+
+def _fixed_fn(arch: Arch, sc, mode: str, dtype: torch.dtype, device: torch.device,
+              seed: int) -> Callable[[], None]:
+  """Embedding lookup, final norm and LM head at the last position + greedy argmax (what the runner
+  does per step / per prompt), the token fed back into the next call."""
+  from puzzle_jax.hf_export import modeling_decilm
+  g = torch.Generator().manual_seed(seed)
+  v, d = arch.vocab_size, arch.hidden_size
+  emb = torch.nn.Embedding(v, d).to(device, dtype)
+  norm = modeling_decilm.DeciLMRMSNorm(d, arch.rms_eps).to(device, dtype)
+  head = torch.nn.Linear(d, v, bias=False).to(device, dtype)
+  tokens = torch.randint(0, v, (sc.batch, sc.prompt_len if mode == "prefill" else 1), generator=g).to(device)
+
+  @torch.no_grad()
+  def fn() -> None:
+    h = emb(tokens)
+    tokens[:, 0].copy_(head(norm(h[:, -1])).argmax(-1))
+  return fn
+
+
+def _bench(fn: Callable[[], None], apps: int, sc, device: torch.device) -> dict[str, float]:
+  """Per-application seconds: `fn` captured as a CUDA graph on the GPU (no launch overhead, as the
+  runner replays it), replayed enough times per timed call to reach `sc.min_call_s`."""
+  call = fn
+  if device.type == "cuda":
+    call = _capture(fn).replay
+  call()
+  one = _timed(call, device)
+  inner = max(1, min(10_000, math.ceil(sc.min_call_s / max(one, 1e-9))))
+
+  def many() -> None:
+    for _ in range(inner):
+      call()
+  times = [_timed(many, device) for _ in range(sc.warmup + sc.repeats)][sc.warmup:]
+  stats = _summary(np.asarray(times) / (inner * apps))
+  return {**stats, "reps": inner * apps}
+
+
+def _arch_dims(hidden_size: int, num_heads: int, head_dim: int, vocab_size: int, *,
+               tie_embeddings: bool = False, rms_eps: float = 1e-5) -> Arch:
+  return Arch(vocab_size=vocab_size, hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim,
+              blocks=(), tie_embeddings=tie_embeddings, rms_eps=rms_eps)
+
+
+def cost_table_torch(hidden_size: int, num_heads: int, head_dim: int, vocab_size: int,
+                     variant_keys: Iterable[str], scenario, *, tie_embeddings: bool = False,
+                     rms_eps: float = 1e-5, device: torch.device | str | None = None, seed: int = 0,
+                     progress: bool = False) -> dict[str, Any]:
+  """Per-variant prefill/decode seconds timed as PyTorch modules (CUDA graphs on the GPU), plus the
+  fixed part, in the `puzzle_jax.costs/v1` format; memory from costs.py's own accounting.
+
+  prefill: [batch, prompt_len] through the sub-block (K/V written into a cache of prompt_len slots).
+  decode:  [batch, 1] at the scenario's mean context c: the cache holds c valid slots (rounded up to
+           the runner's bucket, the rest masked, as the runner reads it), the token written at c - 1.
+  fixed:   embedding + final norm + LM head at the last position + argmax (as the runner; costs.py's
+           JAX table computes logits at every prompt position instead). Weights/activations in
+           `scenario.dtype`; the cache is timed in that dtype too, `kv_bytes` count `kv_dtype`.
+  """
+  from puzzle_jax import costs
+  dev = torch.device(device) if device is not None else device_default()
+  dtype = TORCH_DTYPES[scenario.dtype]
+  arch = _arch_dims(hidden_size, num_heads, head_dim, vocab_size, tie_embeddings=tie_embeddings, rms_eps=rms_eps)
+  keys = list(dict.fromkeys(variant_keys))
+  specs = {k: costs._as_spec(k) for k in keys}  # a bad key fails before any timing
+  table = costs._header(arch, scenario, f"torch-{dev.type}", _device_name(dev))
+  table["harness"] = {"timing": "CUDA graph replay" if dev.type == "cuda" else "eager", "bucket": BUCKET,
+                      "torch": torch.__version__}
+  fixed = [_bench(_fixed_fn(arch, scenario, m, dtype, dev, seed), 1, scenario, dev) for m in ("prefill", "decode")]
+  table["fixed"] = {**costs._stats(*fixed), "weight_bytes": arch.fixed_params() * DTYPE_BYTES[scenario.dtype],
+                    "params": arch.fixed_params()}
+  for i, k in enumerate(keys):
+    if progress:
+      print(f"  [{i + 1}/{len(keys)}] {k}", file=sys.stderr, flush=True)
+    table["variants"][k] = _measure_variant(arch, specs[k], scenario, dtype, dev, seed)
+  costs.validate_cost_table(table, arch, keys)
+  return table
+
+
+def _measure_variant(arch: Arch, spec, sc, dtype: torch.dtype, dev: torch.device, seed: int) -> dict[str, Any]:
+  from puzzle_jax import costs
+  mem = costs._memory(arch, spec, sc)
+  if spec.kind == "noop":
+    return {**costs._stats(*[{"s": 0.0, "min": 0.0, "iqr": 0.0, "reps": 0}] * 2), **mem}
+  timed = []
+  for mode in ("prefill", "decode"):
+    fn, apps = _subblock_fn(arch, spec, sc, mode, dtype, dev, seed)
+    timed.append(_bench(fn, apps, sc, dev))
+    del fn
+  return {**costs._stats(*timed), **mem}
+
+
+def predicted_vs_measured(table: dict[str, Any], arch: Arch, measured: dict[str, Any] | float) -> dict[str, Any]:
+  """Sum of parts (fixed + every layer's sub-blocks, costs.predicted_totals) against the whole model.
+
+  `measured`: a `measure_model` result (its decode entry at the table's batch gives the mean step
+  time, its prefill entry at (batch, prompt_len) the prefill time), or a decode step time in seconds.
+  Measure with decode_context = prompt_len and new_tokens = gen_len, so the mean context matches."""
+  from puzzle_jax import costs
+  pred = costs.predicted_totals(arch, table)
+  sc = table["scenario"]
+  meas: dict[str, float | None] = {"decode_s": None, "prefill_s": None}
+  if isinstance(measured, (int, float)):
+    meas["decode_s"] = float(measured)
+  else:
+    meas["decode_s"] = next((r["step_s"] for r in measured.get("decode", []) if r["batch"] == sc["batch"]), None)
+    meas["prefill_s"] = next((r["s"] for r in measured.get("prefill", [])
+                              if (r["batch"], r["prompt_len"]) == (sc["batch"], sc["prompt_len"])), None)
+  out = {}
+  for k, m in meas.items():
+    if m is not None:
+      out[k] = {"predicted": pred[k], "measured": m, "predicted_over_measured": pred[k] / m}
+  return out
+
+
+# ----------------------------------------------------------------------------- CLI
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """What `measure` runs; FULL is the H100 setting (< 6 min for a SmolLM2-135M parent + child)."""
+  prefill_grid: tuple[tuple[int, int], ...] = ((16, 1024), (1, 1024))
+  decode_batches: tuple[int, ...] = (1, 64, 256)
+  decode_context: int = 512
+  new_tokens: int = 128
+  requests: int = 64  # prompts in the request workload
+  request_batch: int = 16  # static batch size of the workload
+  max_new_tokens: int = 256  # per-request cap
+  random_prompt_len: tuple[int, int] = (16, 128)  # prompt lengths when the export has no tokenizer
+  repeats: int = 5
+  warmup: int = 2
+
+
+FULL = Sizes()
+QUICK = Sizes(prefill_grid=((2, 32), (1, 32)), decode_batches=(1, 4), decode_context=32, new_tokens=8,
+              requests=8, request_batch=4, max_new_tokens=16, random_prompt_len=(4, 16), repeats=2, warmup=1)
+
+
+def workload(tokenizer, vocab_size: int, n: int, sizes: Sizes, *, prompts_file: str | None = None,
+             seed: int = 0) -> list:
+  """n prompts: lines of `prompts_file`, else the built-in questions (with a tokenizer), else
+  random token ids (then few requests stop early and request-level speed tracks decode speed)."""
+  if prompts_file:
+    lines = [l.strip() for l in pathlib.Path(prompts_file).read_text().splitlines() if l.strip()]
+    return [lines[i % len(lines)] for i in range(n)]
+  if tokenizer is not None:
+    return [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(n)]
+  rng = np.random.default_rng(seed)
+  lo, hi = sizes.random_prompt_len
+  return [rng.integers(0, vocab_size, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+
+
+def measure_one(path: str, prompts: list, tokenizer, sizes: Sizes, *, dtype: torch.dtype, mode: str,
+                device: torch.device) -> dict[str, Any]:
+  model = load_model(path, dtype=dtype, device=device)
+  out = measure_model(model, prefill_grid=sizes.prefill_grid, decode_batches=sizes.decode_batches,
+                      decode_context=sizes.decode_context, new_tokens=sizes.new_tokens, mode=mode,
+                      repeats=sizes.repeats, warmup=sizes.warmup)
+  out["model"]["path"] = str(path)
+  eos = eos_ids_of(model, tokenizer)
+  _reset_peak(device)
+  out["requests"] = measure_requests(model, tokenizer, prompts, batch=sizes.request_batch,
+                                     max_new_tokens=sizes.max_new_tokens, eos_ids=eos, mode=mode)
+  out["requests"]["peak_memory_bytes"] = _peak(device)
+  out["check"] = greedy_check(model, [_encode(tokenizer, p) for p in prompts[:2]], mode=mode, eos_ids=eos)
+  del model
+  if device.type == "cuda":
+    torch.cuda.empty_cache()
+  return out
+
+
+def compare(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+  """child / parent: throughput speedups (> 1 = child faster) and memory / length ratios."""
+  def by(rows, key):
+    return {key(r): r for r in rows}
+  pd, cd = by(parent["decode"], lambda r: r["batch"]), by(child["decode"], lambda r: r["batch"])
+  pp, cp = (by(m["prefill"], lambda r: f"{r['batch']}x{r['prompt_len']}") for m in (parent, child))
+  out = {"decode_speedup": {str(b): cd[b]["tokens_per_s"] / pd[b]["tokens_per_s"] for b in pd if b in cd},
+         "prefill_speedup": {k: cp[k]["tokens_per_s"] / pp[k]["tokens_per_s"] for k in pp if k in cp}}
+  pr, cr = parent.get("requests"), child.get("requests")
+  if pr and cr:
+    out["request_speedup"] = cr["requests_per_s"] / pr["requests_per_s"]
+    out["request_token_throughput_ratio"] = cr["tokens_per_s"] / pr["tokens_per_s"]
+    out["tokens_per_request_ratio"] = cr["mean_new_tokens"] / pr["mean_new_tokens"]
+  if parent.get("peak_memory_bytes") and child.get("peak_memory_bytes"):
+    out["peak_memory_ratio"] = child["peak_memory_bytes"] / parent["peak_memory_bytes"]
+  out["params_ratio"] = child["model"]["params"] / parent["model"]["params"]
+  return out
+
+
+def _fmt_table(result: dict[str, Any]) -> str:
+  roles = [r for r in ("parent", "child") if r in result]
+  first = result[roles[0]]
+  cols = ([f"pre {r['batch']}x{r['prompt_len']}" for r in first["prefill"]]
+          + [f"dec b{r['batch']}" for r in first["decode"]] + ["req/s", "tok/req", "peak GB"])
+  lines = [f"{'':<8}" + "".join(f"{c:>14}" for c in cols) + "   (tokens/s unless noted)"]
+  for role in roles:
+    m = result[role]
+    vals = [r["tokens_per_s"] for r in m["prefill"]] + [r["tokens_per_s"] for r in m["decode"]]
+    vals += [m["requests"]["requests_per_s"], m["requests"]["mean_new_tokens"],
+             (m["peak_memory_bytes"] or 0) / 2**30]
+    lines.append(f"{role:<8}" + "".join(f"{v:>14.4g}" for v in vals))
+  if "ratios" in result:
+    r = result["ratios"]
+    vals = list(r["prefill_speedup"].values()) + list(r["decode_speedup"].values())
+    vals += [r.get("request_speedup", float("nan")), r.get("tokens_per_request_ratio", float("nan")),
+             r.get("peak_memory_ratio", float("nan"))]
+    lines.append(f"{'child/par':<8}" + "".join(f"{v:>14.4g}" for v in vals))
+  return "\n".join(lines)
+
+
+def _dtype_arg(name: str, device: torch.device) -> torch.dtype:
+  if name == "auto":
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+  return TORCH_DTYPES[name]
+
+
+def cmd_measure(args: argparse.Namespace) -> dict[str, Any]:
+  dev = device_default()
+  sizes = QUICK if args.quick or dev.type != "cuda" else FULL
+  dtype = _dtype_arg(args.dtype, dev)
+  tokenizer = load_tokenizer(args.tokenizer or args.parent)
+  vocab = json.loads((pathlib.Path(args.parent) / "config.json").read_text())["vocab_size"]
+  prompts = workload(tokenizer, vocab, args.requests or sizes.requests, sizes, prompts_file=args.prompts)
+  result: dict[str, Any] = {"harness": {"device": _device_name(dev), "dtype": str(dtype), "mode": args.mode,
+                                        "sizes": dataclasses.asdict(sizes), "torch": torch.__version__,
+                                        "quick": sizes is QUICK, "tokenizer": tokenizer is not None}}
+  t0 = time.perf_counter()
+  for role, path in (("parent", args.parent), ("child", args.child)):
+    if path:
+      print(f"[harness] measuring {role}: {path}", file=sys.stderr, flush=True)
+      result[role] = measure_one(path, prompts, tokenizer, sizes, dtype=dtype, mode=args.mode, device=dev)
+  if args.child:
+    result["ratios"] = compare(result["parent"], result["child"])
+  result["harness"]["wall_s"] = time.perf_counter() - t0
+  _write_json(result, args.out)
+  print(_fmt_table(result))
+  return result
+
+
+def cmd_costs(args: argparse.Namespace) -> dict[str, Any]:
+  from puzzle_jax import costs
+  arch = Arch.from_hf_config(json.loads((pathlib.Path(args.arch_from) / "config.json").read_text()))
+  keys = [k for k in args.keys.split(",") if k] if args.keys else costs.arch_keys(arch)
+  if args.check_whole:  # the parts of this arch must be in the table to predict it
+    keys += [k for k in costs.arch_keys(arch) if k not in keys]
+  dev = device_default()
+  dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
+  sc = costs.Scenario(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=dtype_name,
+                      kv_dtype=dtype_name, repeats=args.repeats)
+  table = cost_table_torch(arch.hidden_size, arch.num_heads, arch.head_dim, arch.vocab_size, keys, sc,
+                           tie_embeddings=arch.tie_embeddings, rms_eps=arch.rms_eps, progress=True)
+  if args.check_whole:
+    whole = measure_model(args.arch_from, prefill_grid=[(args.batch, args.prompt_len)], decode_batches=[args.batch],
+                          decode_context=args.prompt_len, new_tokens=args.gen_len, dtype=TORCH_DTYPES[dtype_name],
+                          mode=args.mode)
+    table["whole_model_check"] = predicted_vs_measured(table, arch, whole)
+  costs.save_cost_table(table, args.out)
+  print(f"{'variant':<24}{'prefill ms':>12}{'decode us':>12}{'weight MB':>11}{'kv MB':>9}")
+  for k, v in [("fixed", table["fixed"]), *table["variants"].items()]:
+    print(f"{k:<24}{v['prefill_s'] * 1e3:>12.4f}{v['decode_s'] * 1e6:>12.2f}{v['weight_bytes'] / 2**20:>11.2f}"
+          f"{v.get('kv_bytes', 0) / 2**20:>9.2f}")
+  for k, v in table.get("whole_model_check", {}).items():
+    print(f"whole model {k}: predicted {v['predicted'] * 1e3:.4f} ms, measured {v['measured'] * 1e3:.4f} ms "
+          f"(ratio {v['predicted_over_measured']:.3f})")
+  return table
+
+
+def _write_json(obj: Any, path: str | os.PathLike) -> None:
+  """Atomic write (a crash never leaves half a result)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
+  os.replace(tmp, path)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(prog="python -m puzzle_jax.harness", description=__doc__.split("\n\n")[0])
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  m = sub.add_parser("measure", help="prefill/decode/request throughput of a parent (and child)")
+  m.add_argument("--parent", required=True, help="exported HF directory of the parent")
+  m.add_argument("--child", help="exported HF directory of the child (adds child/parent ratios)")
+  m.add_argument("--out", required=True, help="result JSON")
+  m.add_argument("--quick", action="store_true", help="tiny sizes (always on without CUDA)")
+  m.add_argument("--mode", default="graphs", choices=("graphs", "compile", "eager"))
+  m.add_argument("--dtype", default="auto", choices=("auto", *TORCH_DTYPES))
+  m.add_argument("--tokenizer", help="directory of the tokenizer (default: the parent's, if it has one)")
+  m.add_argument("--prompts", help="text file, one request prompt per line (default: built-in questions)")
+  m.add_argument("--requests", type=int, default=0, help="prompts in the request workload (0 = default)")
+  c = sub.add_parser("costs", help="per-sub-block cost table (puzzle_jax.costs/v1) on this device")
+  c.add_argument("--arch-from", required=True, help="exported HF directory whose dims (and arch) to use")
+  c.add_argument("--keys", default="", help="comma-separated variant keys (default: the arch's own)")
+  c.add_argument("--batch", type=int, default=8)
+  c.add_argument("--prompt-len", type=int, default=256)
+  c.add_argument("--gen-len", type=int, default=128)
+  c.add_argument("--repeats", type=int, default=10)
+  c.add_argument("--dtype", default="auto", choices=("auto", *TORCH_DTYPES))
+  c.add_argument("--mode", default="graphs", choices=("graphs", "compile", "eager"),
+                 help="runner mode of the --check-whole measurement")
+  c.add_argument("--check-whole", action="store_true",
+                 help="also time the whole --arch-from model and compare with the sum of parts")
+  c.add_argument("--out", required=True, help="cost-table JSON (feed it with --config.costs.table=PATH)")
+  return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # costs.py imports JAX; it must not take the GPU
+  args = parse_args(argv)
+  return cmd_measure(args) if args.cmd == "measure" else cmd_costs(args)
+
+
+if __name__ == "__main__":
+  main()

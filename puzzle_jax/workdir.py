@@ -174,7 +174,7 @@ PIPELINE = ("import", "bld", "score", "costs", "mip", "realize", "evaluate")
 def run_all(config) -> None:
   """The whole Puzzle search; finished stages are skipped, so an interrupted run resumes."""
   import time
-  from puzzle_jax.__main__ import stage_fn
+  from puzzle_jax.stages import stage_fn
   for name in PIPELINE:
     t0 = time.perf_counter()
     print(f"==> {name}")

@@ -68,7 +68,8 @@ def test_weight_bytes_match_accounting_and_params(table):
     is_attn = isinstance(spec, AttnSpec)
     want = ARCH.attn_params(spec) if is_attn else ARCH.ffn_params(spec)
     init = model.attn_init if is_attn else model.ffn_init
-    assert v["params"] == want == model.count_params(jax.eval_shape(lambda k: init(k, spec, ARCH), jax.random.PRNGKey(0)))
+    shapes = jax.eval_shape(lambda k: init(k, spec, ARCH), jax.random.PRNGKey(0))
+    assert v["params"] == want == model.count_params(shapes)
     assert v["weight_bytes"] == 2 * want
   assert table["fixed"]["params"] == ARCH.fixed_params()
   assert table["fixed"]["weight_bytes"] == 2 * ARCH.fixed_params()
