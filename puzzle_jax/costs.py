@@ -62,7 +62,7 @@ FIXED_FIELDS = ("prefill_s", "decode_s", "weight_bytes", "params")
 VARIANT_FIELDS = ("prefill_s", "decode_s", "weight_bytes", "kv_bytes", "params")
 WORKLOAD_FIELDS = ("batch", "prompt_len", "gen_len", "dtype", "kv_dtype")  # what, not how, is timed.
 _MAX_APPS = 1 << 16  # applications per timed call, at most.
-_MAX_ROUNDS = 4  # calibration rounds growing the count.
+_MAX_ROUNDS = 4  # timing rounds, if the calibrated count gave calls shorter than min_call_s / 2.
 _JNP_DTYPES = {"fp8": "float8_e4m3fn"}
 
 

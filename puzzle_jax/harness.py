@@ -32,6 +32,7 @@ K kv heads, G = N / K, H head dim, V vocab.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -86,7 +87,7 @@ def load_tokenizer(path: str | os.PathLike):
   import transformers
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    return transformers.AutoTokenizer.from_pretrained(str(p))
+    return transformers.AutoTokenizer.from_pretrained(str(p), trust_remote_code=True)  # config.json is ours
 
 
 def eos_ids_of(model: torch.nn.Module, tokenizer=None) -> tuple[int, ...]:
@@ -111,20 +112,40 @@ def _neg(dtype: torch.dtype) -> float:
   return max(-1e30, torch.finfo(dtype).min / 2)
 
 
+def _sdpa_backends(device: torch.device):
+  """On CUDA, SDPA limited to flash / memory-efficient / math: all three are capturable in CUDA graphs,
+  while cuDNN attention (preferred on Hopper by some versions) has failed to plan some shapes."""
+  if device.type != "cuda":
+    return contextlib.nullcontext()
+  from torch.nn.attention import SDPBackend, sdpa_kernel
+  return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _bias(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+  """Boolean [B, L, S] -> additive mask [B, 1, L, S] (the modeling code's finite masked value)."""
+  return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, _neg(dtype))[:, None]
+
+
 @dataclasses.dataclass
 class _Ctx:
   """What every layer of one forward shares."""
-  cos: torch.Tensor  # [B, L, H] float32
+  cos: torch.Tensor  # [B, 1, L, H] in the activation dtype (`_rope`)
   sin: torch.Tensor
   bias: dict  # window -> additive mask ([B, 1, L, L] prefill, [B, 1, 1, S] decode); None = plain causal
   slot_1: torch.Tensor | None  # decode: the write slot, shape [1]; None: prefill writes slots [0, L)
   keys: int  # decode: cache slots attention reads
 
 
+def _rope(rotary_emb: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+  """cos/sin [B, 1, L, H] from the module's own rotary embedding (float32), cast once per forward to
+  the activation dtype (the modeling code casts them in every layer: same values, fewer kernels)."""
+  cos, sin = rotary_emb(positions)
+  return cos[:, None].to(dtype), sin[:, None].to(dtype)
+
+
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-  """x [B, heads, L, H] (or [B, K, G, H] with L = 1); cos/sin [B, L, H] float32, cast to x's dtype:
-  the modeling code's rotate-half RoPE, op for op (so the same bits)."""
-  cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+  """x [B, heads, L, H] (or [B, K, G, H] with L = 1); cos/sin from `_rope`: the modeling code's
+  rotate-half RoPE, op for op (so the same bits)."""
   half = x.shape[-1] // 2
   return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -267,7 +288,7 @@ class StaticRunner:
       positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
       self.pos.copy_(mask.sum(-1))
     self.slot.fill_(length)
-    cos, sin = self.base.rotary_emb(positions)
+    cos, sin = _rope(self.base.rotary_emb, positions, self.dtype)
     h = self._blocks(self.base.embed_tokens(tokens), _Ctx(cos, sin, self._prefill_bias(mask, length), None, 0))
     self.done.zero_()
     self.n_gen.zero_()
@@ -283,14 +304,13 @@ class StaticRunner:
         continue
       ok = (rel >= 0) & (rel < w) if w is not None else rel >= 0
       ok = ok[None] & mask[:, None, :] if mask is not None else ok[None].expand(self.batch, -1, -1)
-      bias = torch.zeros(ok.shape, dtype=self.dtype, device=self.device).masked_fill_(~ok, _neg(self.dtype))
-      out[w] = bias[:, None]
+      out[w] = _bias(ok, self.dtype)
     return out
 
   @torch.no_grad()
   def _step_impl(self, keys: int) -> None:
     h = self.base.embed_tokens(self.tok[:, None])
-    cos, sin = self.base.rotary_emb(self.pos[:, None])
+    cos, sin = _rope(self.base.rotary_emb, self.pos[:, None], self.dtype)
     slot_1 = self.slot.view(1)
     self.valid.index_fill_(1, slot_1, True)
     h = self._blocks(h, _Ctx(cos, sin, self._decode_bias(keys), slot_1, keys))
@@ -303,8 +323,7 @@ class StaticRunner:
     out = {}
     for w in self.windows:
       okw = ok & ((self.slot - self.ar[:keys]) < w)[None] if w is not None else ok
-      bias = torch.zeros(okw.shape, dtype=self.dtype, device=self.device).masked_fill_(~okw, _neg(self.dtype))
-      out[w] = bias[:, None, None]
+      out[w] = _bias(okw[:, None], self.dtype)  # [B, 1, 1, keys]
     return out
 
   # --------------------------------------------------------------- graphs / compile
@@ -314,9 +333,10 @@ class StaticRunner:
   def _capture_decode(self) -> None:
     """One CUDA graph per key bucket, sharing one memory pool (replayed one at a time, in order)."""
     pool = torch.cuda.graph_pool_handle()
-    for keys in self._buckets():
-      self._graphs[keys] = _capture(lambda keys=keys: self._step_impl(keys), reset=self._reset_counters,
-                                    pool=pool)
+    with _sdpa_backends(self.device):
+      for keys in self._buckets():
+        self._graphs[keys] = _capture(lambda keys=keys: self._step_impl(keys), reset=self._reset_counters,
+                                      pool=pool)
     self._reset_counters()
 
   def _reset_counters(self) -> None:
@@ -330,10 +350,11 @@ class StaticRunner:
     for t in [self.valid, self.slot, self.pos, self.tok, self.done, self.n_gen, self.t, self.out, self.eos,
               *[c for pair in self.cache.values() for c in pair]]:
       torch._dynamo.mark_static_address(t)  # mutated in place: static inputs keep cudagraphs on
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # one specialization per key bucket
+    cfg = torch._dynamo.config  # one specialization per (runner, key bucket), all on one code object
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
       if hasattr(cfg, name):
-        setattr(cfg, name, max(getattr(cfg, name), 4 * len(self._buckets())))
+        setattr(cfg, name, max(getattr(cfg, name), 1024))
     self._compiled = torch.compile(self._step_impl, mode="reduce-overhead", dynamic=False)
 
   # --------------------------------------------------------------- public
@@ -353,6 +374,12 @@ class StaticRunner:
                        f"{self.slots} slots")
     tokens = tokens.to(self.device)
     mask = None if mask is None else mask.to(device=self.device, dtype=torch.bool)
+    with _sdpa_backends(self.device):
+      self._prefill(tokens, mask, graphed)
+    self.length = length
+
+  def _prefill(self, tokens: torch.Tensor, mask: torch.Tensor | None, graphed: bool) -> None:
+    length = tokens.shape[1]
     if graphed and self.mode != "eager":
       key = (length, mask is not None)
       if key not in self._prefill_graphs:
@@ -365,7 +392,6 @@ class StaticRunner:
       graph.replay()
     else:
       self._prefill_impl(tokens, mask)
-    self.length = length
 
   def step(self) -> None:
     keys = min(self.slots, _round_up(self.length + 1, self.bucket))
@@ -377,9 +403,11 @@ class StaticRunner:
       self._graphs[keys].replay()
     elif self.mode == "compile":
       torch.compiler.cudagraph_mark_step_begin()
-      self._compiled(keys)
+      with _sdpa_backends(self.device):
+        self._compiled(keys)
     else:
-      self._step_impl(keys)
+      with _sdpa_backends(self.device):
+        self._step_impl(keys)
     self.length += 1
 
   def decode(self, steps: int) -> None:
@@ -673,11 +701,6 @@ def hf_generate(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- cost tables
-def _bias(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-  """Boolean [B, L, S] -> additive mask [B, 1, L, S] (the modeling code's finite masked value)."""
-  return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, _neg(dtype))[:, None]
-
-
 def _one_layer(arch: Arch, spec: AttnSpec | FFNSpec, dtype: torch.dtype, device: torch.device,
                seed: int) -> tuple[torch.nn.Module, Any]:
   """A `DeciLMDecoderLayer` holding only `spec` (the other sub-block no-op), weights N(0, 1/fan_in)
@@ -729,7 +752,7 @@ def _subblock_fn(arch: Arch, spec: AttnSpec | FFNSpec, sc, mode: str, dtype: tor
       ok &= (c - 1 - torch.arange(slots)) < spec.window
     bias = _bias(ok[None, None].expand(b, 1, -1).to(device), dtype)
     slot_1, keys = torch.tensor([c - 1], device=device), slots
-  cos, sin = rot(pos.to(device))
+  cos, sin = _rope(rot, pos.to(device), dtype)
   ctx = _Ctx(cos, sin, {spec.window if gqa else None: bias}, slot_1, keys)
   cache_shape = (b, spec.num_kv_heads or 0, slots, arch.head_dim) if gqa else None
   copy_bytes = costs._weight_bytes(arch, spec, sc.dtype)
@@ -774,7 +797,8 @@ def _bench(fn: Callable[[], None], apps: int, sc, device: torch.device) -> dict[
   runner replays it), replayed enough times per timed call to reach `sc.min_call_s`."""
   call = fn
   if device.type == "cuda":
-    call = _capture(fn).replay
+    with _sdpa_backends(device):
+      call = _capture(fn).replay
   call()
   one = _timed(call, device)
   inner = max(1, min(10_000, math.ceil(sc.min_call_s / max(one, 1e-9))))

@@ -1,0 +1,143 @@
+"""puzzle_jax.infer against the reference model (and transformers for the real SmolLM2 parent)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from puzzle_jax import infer, io, model
+from puzzle_jax.arch import Arch, AttnSpec, BlockSpec, FFNSpec
+
+A, F = AttnSpec, FFNSpec
+FULL = BlockSpec(A("gqa", num_kv_heads=2), F("swiglu", 48))
+WIN = BlockSpec(A("gqa", num_kv_heads=1, window=3), F("swiglu", 32))
+
+
+def hetero_arch() -> Arch:
+  """Every kind of layer: runs to scan, mixed kv heads and FFN widths, a window, linear and no-op
+  sub-blocks, a parallel group."""
+  blocks = (FULL, FULL,
+            BlockSpec(A("gqa", num_kv_heads=4, window=4), F("linear")),
+            BlockSpec(A("linear"), F("noop")),
+            BlockSpec(A("noop"), F("swiglu", 32)),
+            BlockSpec(A("gqa", num_kv_heads=1), F("swiglu", 32), parallel_group=1),
+            BlockSpec(A("linear"), F("swiglu", 48), parallel_group=1),
+            WIN, WIN)
+  return Arch(vocab_size=64, hidden_size=32, num_heads=4, head_dim=8, blocks=blocks)
+
+
+@pytest.fixture(scope="module")
+def hetero():
+  arch = hetero_arch()
+  params = model.init_params(jax.random.PRNGKey(0), arch)
+  return arch, params, infer.prepare(arch, params, jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  """Tokens [3, 12], left-padded: row 0 full, row 1 five pads, row 2 two pads."""
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (3, 12), 0, 64), np.int32)
+  mask = np.ones((3, 12), bool)
+  mask[1, :5] = mask[2, :2] = False
+  return tokens, mask
+
+
+ref_forward = jax.jit(model.forward, static_argnums=0)
+
+
+def test_plan_scans_runs_and_keeps_parallel_groups(hetero):
+  arch, _, ip = hetero
+  assert ip.plan == (infer.Segment((0, 1)), infer.Segment((2,)), infer.Segment((3,)), infer.Segment((4,)),
+                     infer.Segment((5, 6), parallel=True), infer.Segment((7, 8)))
+  assert ip.blocks[0]["wqkv_DxE"].shape == (2, 32, (4 + 2 * 2) * 8)  # stacked run, fused q/k/v
+  assert ip.blocks[1]["wqkv_DxE"].shape == (1, 32, (4 + 2 * 4) * 8)
+  assert set(ip.blocks[3]) == {"ffn_norm_D", "wgu_Dx2xF", "wd_FxD"}  # no-op attention owns nothing
+  unrolled = infer.plan_segments(arch, scan=False)
+  assert len(unrolled) == 8 and unrolled[5] == infer.Segment((5, 6), parallel=True)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_matches_forward(hetero, batch, padded):
+  arch, params, ip = hetero
+  tokens, mask = batch
+  mask = mask if padded else None
+  got = np.asarray(infer.prefill_logits(ip, tokens, mask))
+  want = np.asarray(ref_forward(arch, params, tokens, mask))
+  valid = np.ones(tokens.shape, bool) if mask is None else mask
+  np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_unrolled_layout_matches_scanned(hetero, batch):
+  arch, params, ip = hetero
+  tokens, mask = batch
+  flat = infer.prepare(arch, params, jnp.float32, scan=False)
+  np.testing.assert_allclose(np.asarray(infer.prefill_logits(flat, tokens, mask))[mask],
+                             np.asarray(infer.prefill_logits(ip, tokens, mask))[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_greedy_matches_reference(hetero, batch):
+  arch, params, ip = hetero
+  tokens, mask = batch
+  want = np.asarray(model.generate(arch, params, tokens, mask, max_new_tokens=10))
+  got = np.asarray(infer.generate(ip, tokens, mask, max_new_tokens=10))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_incremental_decoding_equals_full_forward(hetero, batch):
+  """Prefill 7 tokens (left-padded), feed the other 5 one at a time: same logits as one forward."""
+  _, _, ip = hetero
+  tokens, mask = batch
+  full = np.asarray(infer.prefill_logits(ip, tokens, mask))
+  logits, cache = infer.prefill_cache(ip, tokens[:, :7], mask[:, :7], max_len=12)
+  np.testing.assert_allclose(np.asarray(logits), full[:, 6], rtol=1e-5, atol=1e-5)
+  for t in range(7, 12):
+    logits, cache = infer.decode_step(ip, tokens[:, t], cache)
+    np.testing.assert_allclose(np.asarray(logits), full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_reproducible_and_matches_reference(hetero, batch):
+  arch, params, ip = hetero
+  tokens, mask = batch
+  kw = dict(max_new_tokens=8, temperature=0.8, top_p=0.9)
+  k1, k2 = jax.random.PRNGKey(5), jax.random.PRNGKey(6)
+  a = np.asarray(infer.generate(ip, tokens, mask, key=k1, **kw))
+  np.testing.assert_array_equal(a, np.asarray(infer.generate(ip, tokens, mask, key=k1, **kw)))
+  assert not np.array_equal(a, np.asarray(infer.generate(ip, tokens, mask, key=k2, **kw)))
+  np.testing.assert_array_equal(a, np.asarray(model.generate(arch, params, tokens, mask, key=k1, **kw)))
+
+  # Stop tokens: a row repeats the first stop token after its first stop; nothing else changes
+  # (step t still samples with split(key)[t]). Stops: tokens first seen mid-row.
+  stops = tuple(int(row[t]) for row in a for t in range(2, 8) if row[t] not in row[:t])[:2]
+  assert stops, a
+  expect = a.copy()
+  for row in expect:
+    hit = np.flatnonzero(np.isin(row, stops))
+    if hit.size:
+      row[hit[0] + 1:] = stops[0]
+  np.testing.assert_array_equal(np.asarray(infer.generate(ip, tokens, mask, key=k1, stop_tokens=stops, **kw)),
+                                expect)
+
+
+def test_smollm2_real_weights_match_transformers(smollm2_gguf):
+  """The real parent (30 layers in one scanned run): float32 prefill logits vs transformers."""
+  import torch
+  from benchmarks.inference import hf_llama, hf_logits
+  torch.set_num_threads(1)
+  arch, params = io.load_pretrained(smollm2_gguf)
+  ip = infer.prepare(arch, params, jnp.float32)
+  assert ip.plan == (infer.Segment(tuple(range(30))),)
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, arch.vocab_size), np.int32)
+  want = hf_logits(hf_llama(arch, params, "cpu"), tokens)
+  got = np.asarray(infer.prefill_logits(ip, tokens))
+  assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+  np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_benchmark_cpu_mode_runs_and_agrees(tmp_path):
+  from benchmarks import inference
+  res = inference.main(["--device-size", "cpu", "--model", "smollm2-random", "--runs", "2",
+                        "--variants", "scan", "--out", str(tmp_path / "bench.json")])
+  assert res["agreement"]["ok"], res["agreement"]
+  assert {"ours (scan)", "transformers eager"} <= set(res["rows"])
+  assert res["rows"]["ours (scan)"]["decode_b1"]["tok_s"] > 0
+  assert (tmp_path / "bench.json").exists()
