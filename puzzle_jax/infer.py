@@ -450,12 +450,12 @@ def _generate(ip: InferParams, tokens_BxL, mask_BxL, key, *, max_new_tokens: int
     logits_BxV, cache = _decode_step(ip, tok_B, cache)
     return logits_BxV, cache, done_B, out_BxT
 
-  # Slots not reached when every row stopped early already hold the stop token.
-  carry = (logits_BxV, cache, jnp.zeros((B,), bool), jnp.full((B, T), stops[0] if stop_tokens else 0, jnp.int32))
-  if stop_tokens:
+  # Unreached slots (every row stopped early) keep the stop token; all others are overwritten.
+  carry = (logits_BxV, cache, jnp.zeros((B,), bool), jnp.full((B, T), stops[0], jnp.int32))
+  if stop_tokens:  # a data-dependent trip count: one predicate read per token, exit when all stopped
     t, *carry = jax.lax.while_loop(lambda c: (c[0] < T - 1) & ~jnp.all(c[3]),
                                    lambda c: (c[0] + 1, *step(c[0], c[1:])), (jnp.int32(0), *carry))
-  else:
+  else:  # a static trip count
     t, carry = T - 1, jax.lax.fori_loop(0, T - 1, step, carry)
   logits_BxV, _, done_B, out_BxT = carry
   tok_B, _ = sample(T - 1, logits_BxV, done_B)
