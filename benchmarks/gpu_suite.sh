@@ -13,9 +13,8 @@ SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 OUT=${OUT:-/tmp/out}
 mkdir -p "$ROOT/gguf" "$OUT"
 
-if [ -d .whl ] && [ ! -f "$SITE/.done" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-    && touch "$SITE/.done"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
 export PYTHONPATH=$SITE:$PWD
 for p in .gguf/part*; do [ -f "$p" ] && cp "$p" "$ROOT/gguf/"; done
@@ -34,5 +33,33 @@ case "${1:-}" in
     run timeout 330 python3 benchmarks/bld.py --size h100 --out "$OUT/bld.json"
     run timeout 230 python3 benchmarks/cost_fidelity.py --out "$OUT/fidelity.json"
     ;;
-  *) echo "usage: $0 a|b|c"; exit 2 ;;
+  c)  # forward parity+speed with real weights, then the whole search on the GPU (resumable)
+    run timeout 120 python3 benchmarks/forward.py --batch 16 --seq 1024 --dtype bfloat16 --gguf "$GGUF" --out "$OUT/forward.json"
+    run timeout 420 python3 -m puzzle_jax run --config configs/smollm2_135m.py:gpu --config.parent.path="$GGUF" \
+      --config.workdir=$ROOT/wd --config.bld.steps=200
+    cp $ROOT/wd/mip/solution.json $ROOT/wd/report/report.json "$OUT/" 2>/dev/null
+    cp $ROOT/wd/report/pareto_kl.png $ROOT/wd/mip/choices.png "$OUT/" 2>/dev/null
+    ;;
+  d)  # export parent + child, PyTorch harness (parent vs child, request-level), fast inference path
+    run timeout 60 python3 -m puzzle_jax export --config configs/smollm2_135m.py:gpu --config.parent.path="$GGUF" \
+      --config.workdir=$ROOT/wd --config.export.checkpoint=parent
+    run timeout 60 python3 -m puzzle_jax export --config configs/smollm2_135m.py:gpu --config.parent.path="$GGUF" \
+      --config.workdir=$ROOT/wd --config.export.checkpoint=child
+    run timeout 300 python3 -m puzzle_jax.harness measure --parent $ROOT/wd/export/parent --child $ROOT/wd/export/child \
+      --out "$OUT/h100_measure.json"
+    run timeout 230 python3 benchmarks/inference.py --device-size h100 --model smollm2 --gguf "$GGUF" --out "$OUT/infer_smollm2.json"
+    ;;
+  e)  # fast inference at 8B shapes and on an 80-layer child; cost-model fidelity
+    run timeout 150 python3 benchmarks/inference.py --device-size h100 --model 8b-random --out "$OUT/infer_8b.json"
+    run timeout 170 python3 benchmarks/inference.py --device-size h100 --model child-random --variants scan --compile-80 --out "$OUT/infer_child.json"
+    run timeout 250 python3 benchmarks/cost_fidelity.py --out "$OUT/fidelity.json"
+    ;;
+  f)  # fresh machine, no GGUF: transformers comparison on SmolLM2 shapes, fidelity, 80-layer compile
+    run timeout 170 python3 benchmarks/inference.py --device-size h100 --model smollm2-random --variants unrolled \
+      --out "$OUT/infer_smollm2_hf.json"
+    run timeout 200 python3 benchmarks/cost_fidelity.py --out "$OUT/fidelity.json"
+    run timeout 200 python3 benchmarks/inference.py --device-size h100 --model child-random --variants unrolled \
+      --compile-80 --out "$OUT/infer_child.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f"; exit 2 ;;
 esac

@@ -1,11 +1,12 @@
 """Inference speed: `puzzle_jax.infer` against transformers' LlamaForCausalLM, same weights and device.
 
-H100 (each line prints its table and writes its JSON; estimated ~3, ~2 and ~2 minutes):
-  python -m benchmarks.inference --device-size h100 --model smollm2 --gguf PATH --torch-compile \
-      --out smollm2.json
-  python -m benchmarks.inference --device-size h100 --model 8b-random --out 8b.json
-  python -m benchmarks.inference --device-size h100 --model child-random --variants scan --compile-80 \
-      --out child.json
+H100 (each line prints rows as they are measured and rewrites its JSON after each; estimated
+~3, ~2 and ~2.5 minutes; the `timeout`s only bound the total; repo root on PYTHONPATH):
+  timeout 240 python3 benchmarks/inference.py --device-size h100 --model smollm2 --gguf PATH \
+      --torch-compile --out smollm2.json
+  timeout 150 python3 benchmarks/inference.py --device-size h100 --model 8b-random --out 8b.json
+  timeout 170 python3 benchmarks/inference.py --device-size h100 --model child-random --variants scan \
+      --compile-80 --out child.json
 CPU smoke run (tiny random models, float32 timings, < 60 s; tests/test_infer.py runs it):
   python -m benchmarks.inference --device-size cpu --model smollm2-random
 
@@ -354,23 +355,24 @@ def child_speedups(parent: Arch, child: Arch, rows: dict, sizes: Sizes, variant:
 
 def compile_80(tiny: bool) -> dict:
   """Compile (lower + XLA compile, no weights allocated) the prefill of an 80-layer heterogeneous
-  child of Llama-70B shapes (tiny shapes on CPU), prompt [1, 1024]."""
+  child of Llama-70B shapes (tiny shapes on CPU), prompt [1, 1024]. On GPU also without gemm
+  autotuning, which is most of a GPU compile and is cacheable across runs."""
   dims = (dict(vocab_size=512, hidden_size=64, num_layers=80, num_heads=4, num_kv_heads=4,
                intermediate_size=128, head_dim=16) if tiny else
           dict(vocab_size=128256, hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                intermediate_size=28672, head_dim=128))
   arch = random_child(uniform_arch(**dims, rope=RopeSpec(theta=500000.0)), 80, seed=1)
+  toks = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+  cases = {"scan": (True, None), "unrolled": (False, None)} if tiny else {
+      "scan": (True, None), "scan, no autotuning": (True, {"xla_gpu_autotune_level": 0})}
   out = {}
-  for variant, scan in VARIANTS.items():
-    if variant == "unrolled" and not tiny:
-      continue  # minutes on a GPU; the scanned compile is the goal
-    ip = jax.eval_shape(lambda: infer.prepare(arch, model.init_params(jax.random.PRNGKey(0), arch,
-                                                                      jnp.bfloat16), jnp.bfloat16, scan=scan))
-    toks = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+  for name, (scan, options) in cases.items():
+    ip = jax.eval_shape(lambda: infer.prepare(
+        arch, model.init_params(jax.random.PRNGKey(0), arch, jnp.bfloat16), jnp.bfloat16, scan=scan))
     t0 = time.perf_counter()
-    infer.prefill_logits.lower(ip, toks).compile()
-    out[variant] = dict(compile_s=time.perf_counter() - t0, segments=len(ip.plan))
-  return dict(layers=80, distinct_blocks=len(set(arch.blocks)), **out)
+    infer.prefill_logits.lower(ip, toks).compile(options)
+    out[name] = dict(compile_s=time.perf_counter() - t0, segments=len(ip.plan))
+  return dict(layers=80, distinct_blocks=len(set(arch.blocks)), cases=out)
 
 
 # ----------------------------------------------------------------------------- report
@@ -380,11 +382,13 @@ def fmt(row: dict, key: str) -> str:
 
 def table(rows: dict[str, dict], batches: tuple[int, ...]) -> str:
   head = f"{'path':<28} {'prefill tok/s':>14}" + "".join(f" {f'decode b={b} tok/s':>18}" for b in batches)
-  lines = [head + f" {'compile s':>10}"]
+  lines = [head + f" {'compile s':>10} {'b=1 weight GB/s':>16}"]
   for name, row in rows.items():
     comp = sum(v["compile_s"] for v in row.values() if isinstance(v, dict))
+    bw = row.get("decode_b1", {}).get("weight_GBps")
     lines.append(f"{name:<28} {fmt(row, 'prefill'):>14}"
-                 + "".join(f" {fmt(row, f'decode_b{b}'):>18}" for b in batches) + f" {comp:>10.1f}")
+                 + "".join(f" {fmt(row, f'decode_b{b}'):>18}" for b in batches)
+                 + f" {comp:>10.1f} {'-' if bw is None else f'{bw:,.0f}':>16}")
   return "\n".join(lines)
 
 
@@ -443,30 +447,37 @@ def agreement(args, sizes: Sizes, device: str) -> tuple[dict, Arch, Any]:
 
 
 def time_variants(archs: dict[str, tuple[Arch, Any]], variants: list[str], sizes: Sizes, runs: int,
-                  attn_impl: str) -> dict:
-  rows = {}
+                  attn_impl: str, rows: dict, save: Callable[[str], None]) -> None:
   for variant in variants:
     for who, (arch, params) in archs.items():
       ip = infer.prepare(arch, params, jnp.dtype(sizes.dtype), scan=VARIANTS[variant], attn_impl=attn_impl)
       # Prefill is timed on the scanned layout only: both layouts run the same prefill kernels.
-      row = rows[f"ours {who}({variant})"] = time_ours(ip, sizes, runs, prefill=variant == "scan")
-      if "decode_b1" in row:  # batch-1 decode streams all weights once per token
-        row["decode_b1"]["weight_GBps"] = row["decode_b1"]["tok_s"] * arch.weight_bytes(sizes.dtype) / 1e9
+      rows[f"ours {who}({variant})"] = time_ours(ip, sizes, runs, prefill=variant == "scan")
+      add_bandwidth(rows[f"ours {who}({variant})"], arch, sizes)
+      save(f"ours {who}({variant})")
       del ip
       gc.collect()
-  return rows
 
 
-def time_transformers(arch: Arch, params, sizes: Sizes, device: str, args) -> dict:
+def time_transformers(arch: Arch, params, sizes: Sizes, device: str, args, rows: dict,
+                      save: Callable[[str], None]) -> None:
   import torch
   hf = hf_llama(arch, params, device).to(dtype=getattr(torch, sizes.dtype))
-  rows = {"transformers eager": time_hf(hf, arch, sizes, args.runs, compile=False)}
+  rows["transformers eager"] = add_bandwidth(time_hf(hf, arch, sizes, args.runs, compile=False), arch, sizes)
+  save("transformers eager")
   if args.torch_compile:
-    rows["transformers compile"] = time_hf(hf, arch, sizes, args.runs, compile=True,
-                                           decode=args.torch_compile_decode)
+    row = time_hf(hf, arch, sizes, args.runs, compile=True, decode=args.torch_compile_decode)
+    rows["transformers compile"] = add_bandwidth(row, arch, sizes)
+    save("transformers compile")
   del hf
   release_torch_memory()
-  return rows
+
+
+def add_bandwidth(row: dict, arch: Arch, sizes: Sizes) -> dict:
+  """Batch-1 decode streams every weight once per token: the weight bandwidth its rate implies."""
+  if "decode_b1" in row:
+    row["decode_b1"]["weight_GBps"] = row["decode_b1"]["tok_s"] * arch.weight_bytes(sizes.dtype) / 1e9
+  return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -475,34 +486,42 @@ def main(argv: list[str] | None = None) -> dict:
   if args.model == "8b-random":
     sizes = dataclasses.replace(sizes, prefill=(min(4, sizes.prefill[0]), sizes.prefill[1]),
                                 decode_batches=sizes.decode_batches[:1])
+  t_start = time.perf_counter()
+  jax_device = jax.devices()[0].device_kind  # JAX loads its CUDA libraries before torch does
+  args.attn_impl = resolve_attn_impl(args.attn_impl, args.model)
   device = torch_device(args.device_size)
   if device == "cpu":
     import torch
     torch.set_num_threads(1)  # tiny CPU matmuls: waking a second thread costs ~30 ms here
-  t_start = time.perf_counter()
-  args.attn_impl = resolve_attn_impl(args.attn_impl, args.model)
   res: dict[str, Any] = dict(model=args.model, device_size=args.device_size, sizes=dataclasses.asdict(sizes),
-                             jax_device=str(jax.devices()[0].device_kind), torch_device=device,
-                             attn_impl=args.attn_impl)
+                             jax_device=jax_device, torch_device=device, attn_impl=args.attn_impl)
+
+  def save(done: str | None = None) -> None:  # after every measurement: a timeout keeps what was done
+    if done:
+      print(f"  {table({done: res['rows'][done]}, sizes.decode_batches).splitlines()[1]}", flush=True)
+    res["wall_s"] = time.perf_counter() - t_start
+    if args.out:
+      pathlib.Path(args.out).write_text(json.dumps(res, indent=2))
+
   res["agreement"], arch, params = agreement(args, sizes, device)
   res["arch"] = dict(layers=arch.num_layers, params=arch.num_params(), weight_bytes_bf16=arch.weight_bytes())
+  res["rows"] = {}
+  save()
   archs = {"": (arch, params)}
   if args.model == "child-random":
     parent = random_parent(sizes.tiny, arch.num_layers)
     archs = {"parent ": (parent, model.init_params(jax.random.PRNGKey(1), parent)), "child ": (arch, params)}
     res["arch"]["parent_params"] = parent.num_params()
   variants = [v for v in args.variants.split(",") if v]
-  res["rows"] = time_variants(archs, variants, sizes, args.runs, args.attn_impl)
+  time_variants(archs, variants, sizes, args.runs, args.attn_impl, res["rows"], save)
   if args.model in ("smollm2", "smollm2-random") and not args.skip_hf:
-    res["rows"].update(time_transformers(arch, params, sizes, device, args))
+    time_transformers(arch, params, sizes, device, args, res["rows"], save)
   if args.model == "child-random":
     res["speedups"] = [s for v in variants for s in child_speedups(parent, arch, res["rows"], sizes, v)]
   if args.compile_80:
     res["compile_80"] = compile_80(sizes.tiny)
-  res["wall_s"] = time.perf_counter() - t_start
+  save()
   report(res, sizes)
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(res, indent=2))
   return res
 
 
@@ -518,8 +537,8 @@ def report(res: dict, sizes: Sizes) -> None:
   if "compile_80" in res:
     c = res["compile_80"]
     print(f"  80-layer child ({c['distinct_blocks']} distinct blocks) prefill compile: "
-          + ", ".join(f"{v} {c[v]['compile_s']:.1f} s ({c[v]['segments']} segments)"
-                      for v in VARIANTS if v in c))
+          + ", ".join(f"{k} {v['compile_s']:.1f} s ({v['segments']} segments)"
+                      for k, v in c["cases"].items()))
   print(f"  total wall {res['wall_s']:.0f} s")
 
 

@@ -110,7 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _grow(c: ml_collections.ConfigDict) -> None:
   """Accelerator budgets (the defaults are sized for a 2-core CPU run in minutes)."""
   c.workdir += "_gpu"
-  c.bld.steps, c.bld.batch_size, c.bld.seq_len, c.bld.warmup_steps = 400, 16, 512, 40
+  c.parent.dtype = "bfloat16"  # teacher and activations in bf16; candidates keep f32 master weights
+  c.bld.steps, c.bld.batch_size, c.bld.seq_len, c.bld.warmup_steps = 400, 8, 512, 40
   c.bld.checkpoint_every, c.bld.calib_batches, c.bld.eval_batches = 100, 8, 4
   c.score.num_seqs, c.score.seq_len, c.score.batch_size, c.score.candidate_chunk = 32, 512, 8, 8
   c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 64, 512, 8

@@ -725,44 +725,47 @@ def _copies(copy_bytes: int, sc) -> int:
   return min(sc.max_copies, max(1, math.ceil(sc.flush_bytes / max(copy_bytes, 1))))
 
 
+def _bench_ctx(rot: torch.nn.Module, spec: AttnSpec | FFNSpec, sc, mode: str, dtype: torch.dtype,
+               device: torch.device) -> tuple[_Ctx, int, int]:
+  """(ctx, tokens per sequence, cache slots) of one application: a causal prompt (prefill), or one
+  token at the mean context c (decode: c - 1 filled slots, the token written into slot c - 1)."""
+  b = sc.batch
+  w = spec.window if isinstance(spec, AttnSpec) and spec.kind == "gqa" else None
+  if mode == "prefill":
+    length = sc.prompt_len
+    rel = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+    ok = ((rel >= 0) & (rel < w))[None].expand(b, -1, -1) if w is not None and w < length else None
+    cos, sin = _rope(rot, torch.arange(length).expand(b, length).to(device), dtype)
+    return _Ctx(cos, sin, {w: None if ok is None else _bias(ok.to(device), dtype)}, None, 0), length, length
+  c = sc.decode_context
+  slots = _round_up(c, BUCKET)  # as the runner reads the cache: a whole bucket, the rest masked
+  ok = torch.arange(slots) < c
+  if w is not None:
+    ok &= (c - 1 - torch.arange(slots)) < w
+  cos, sin = _rope(rot, torch.full((b, 1), c - 1, device=device), dtype)
+  bias = _bias(ok[None, None].expand(b, 1, -1).to(device), dtype)
+  return _Ctx(cos, sin, {w: bias}, torch.tensor([c - 1], device=device), slots), 1, slots
+
+
 def _subblock_fn(arch: Arch, spec: AttnSpec | FFNSpec, sc, mode: str, dtype: torch.dtype,
                  device: torch.device, seed: int) -> tuple[Callable[[], None], int]:
   """(fn, applications per call): one pass over the copies, each output added to the residual
   stream that feeds the next (no work can be hoisted or dropped), as costs.py times it."""
   from puzzle_jax import costs
   from puzzle_jax.hf_export import modeling_decilm
-  b, d = sc.batch, arch.hidden_size
   gqa = isinstance(spec, AttnSpec) and spec.kind == "gqa"
   layer, cfg = _one_layer(arch, spec, dtype, device, seed)
-  rot = modeling_decilm.DeciLMRotaryEmbedding(cfg)
-  g = torch.Generator().manual_seed(seed + 1)
-  if mode == "prefill":
-    length, slots = sc.prompt_len, sc.prompt_len
-    pos = torch.arange(length).expand(b, length)
-    rel = torch.arange(length)[:, None] - torch.arange(length)[None, :]
-    w = spec.window if gqa else None
-    bias = None if w is None or w >= length else _bias(((rel >= 0) & (rel < w))[None].expand(b, -1, -1).to(device), dtype)
-    slot_1, keys = None, 0
-  else:  # one token at the mean context: c - 1 filled slots, the token written into slot c - 1
-    c = sc.decode_context
-    length, slots = 1, _round_up(c, BUCKET)
-    pos = torch.full((b, 1), c - 1)
-    ok = torch.arange(slots) < c
-    if gqa and spec.window:
-      ok &= (c - 1 - torch.arange(slots)) < spec.window
-    bias = _bias(ok[None, None].expand(b, 1, -1).to(device), dtype)
-    slot_1, keys = torch.tensor([c - 1], device=device), slots
-  cos, sin = _rope(rot, pos.to(device), dtype)
-  ctx = _Ctx(cos, sin, {spec.window if gqa else None: bias}, slot_1, keys)
-  cache_shape = (b, spec.num_kv_heads or 0, slots, arch.head_dim) if gqa else None
+  ctx, length, slots = _bench_ctx(modeling_decilm.DeciLMRotaryEmbedding(cfg), spec, sc, mode, dtype, device)
+  cache_shape = (sc.batch, spec.num_kv_heads or 0, slots, arch.head_dim) if gqa else None
   copy_bytes = costs._weight_bytes(arch, spec, sc.dtype)
   if gqa:
     copy_bytes += 2 * math.prod(cache_shape) * torch.finfo(dtype).bits // 8
   n = _copies(copy_bytes, sc)
   layers = [layer] + [_one_layer(arch, spec, dtype, device, seed + 7919 * i)[0] for i in range(1, n)]
+  g = torch.Generator().manual_seed(seed + 1)
   caches = [tuple(torch.randn(cache_shape, generator=g).to(device, dtype) for _ in range(2)) if gqa else None
             for _ in range(n)]
-  h = torch.randn(b, length, d, generator=g).to(device, dtype)
+  h = torch.randn(sc.batch, length, arch.hidden_size, generator=g).to(device, dtype)
 
   @torch.no_grad()
   def fn() -> None:

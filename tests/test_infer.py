@@ -68,11 +68,15 @@ def test_prefill_matches_forward(hetero, batch, padded):
 
 
 def test_unrolled_layout_matches_scanned(hetero, batch):
+  """scan=False: every layer its own weights and cache, nothing scanned; same numbers."""
   arch, params, ip = hetero
   tokens, mask = batch
   flat = infer.prepare(arch, params, jnp.float32, scan=False)
+  assert len(flat.plan) == 8
   np.testing.assert_allclose(np.asarray(infer.prefill_logits(flat, tokens, mask))[mask],
                              np.asarray(infer.prefill_logits(ip, tokens, mask))[mask], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(infer.generate(flat, tokens, mask, max_new_tokens=10)),
+                                np.asarray(infer.generate(ip, tokens, mask, max_new_tokens=10)))
 
 
 def test_generate_greedy_matches_reference(hetero, batch):
