@@ -344,6 +344,8 @@ def evaluate(arch: Arch, parent_params: Params, groups: Sequence[Group], params_
              eval_batches: Sequence[np.ndarray]) -> dict[str, float]:
   """Held-out BLD loss of every trained candidate (mean NMSE over the eval batches)."""
   fn = jax.jit(functools.partial(eval_step, arch=arch, groups=groups))
+  # Trained params may be sharded over the BLD mesh; evaluation runs on the default device.
+  params_by_group = jax.device_get(params_by_group)
   sums: dict[str, float] = {}
   for tokens in eval_batches:
     out = jax.device_get(fn(params_by_group, parent_params, jnp.asarray(tokens)))

@@ -22,28 +22,12 @@ transformers = pytest.importorskip("transformers")
 from puzzle_jax import export as ex
 from puzzle_jax import hf_export, model, names
 from puzzle_jax.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
+from archs import hetero_child
 
 V, L, NEW = 97, 12, 16
 EOS = 2
 PAD_LEFT = 5  # row 1 of the padded batch starts with this many padding slots
 TOL = 1e-4
-
-
-def hetero_arch(tie: bool = False) -> Arch:
-  B = BlockSpec
-  blocks = (
-      B(AttnSpec("gqa", num_kv_heads=4), FFNSpec("swiglu", 256)),
-      B(AttnSpec("gqa", num_kv_heads=2, window=4), FFNSpec("swiglu", 128)),
-      B(AttnSpec("linear"), FFNSpec("linear")),
-      B(AttnSpec("noop"), FFNSpec("noop")),
-      B(AttnSpec("gqa", num_kv_heads=1), FFNSpec("swiglu", 256), parallel_group=0),
-      B(AttnSpec("noop"), FFNSpec("swiglu", 128), parallel_group=0),
-      B(AttnSpec("gqa", num_kv_heads=2), FFNSpec("noop")),
-  )
-  rope = RopeSpec(theta=10000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                  high_freq_factor=4.0, original_max_position=16)
-  return Arch(vocab_size=V, hidden_size=64, num_heads=4, head_dim=16, blocks=blocks, rope=rope,
-              tie_embeddings=tie, bos_token_id=1, eos_token_id=EOS)
 
 
 def llama_arch() -> Arch:
@@ -128,7 +112,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def hetero(request, tmp_path_factory):
-  arch = hetero_arch(tie=request.param)
+  arch = hetero_child(tie=request.param)
   params = random_params(arch)
   out = export_quietly(arch, params, tmp_path_factory.mktemp("hetero") / "model", dtype="float32")
   return arch, params, out
@@ -230,7 +214,7 @@ def test_transformers_resave_round_trips(hetero, tmp_path):
 
 
 def test_bfloat16_export_loads(tmp_path):
-  arch = hetero_arch()
+  arch = hetero_child()
   params = random_params(arch)
   out = export_quietly(arch, params, tmp_path / "bf16", dtype="bfloat16")
   from safetensors import safe_open
@@ -388,7 +372,7 @@ def test_check_nemotron_nas_config():
 
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
-    problems = ex.check_nemotron_nas_config(hetero_arch().to_hf_config())
+    problems = ex.check_nemotron_nas_config(hetero_child().to_hf_config())
   assert any("parallel_group" in p for p in problems)
 
   cfg = clean.to_hf_config()
@@ -420,7 +404,7 @@ def test_overflow_in_target_dtype_is_refused(tmp_path):
 
 
 def test_missing_and_misshaped_tensors_are_refused(tmp_path):
-  arch = hetero_arch()
+  arch = hetero_child()
   params = random_params(arch)
   del params["model"]["layers"][2]["self_attn"]["linear_attn"]
   with pytest.raises(ex.ExportError, match=r"model\.layers\.2\.self_attn\.linear_attn\.weight"):

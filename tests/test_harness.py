@@ -21,25 +21,10 @@ pytest.importorskip("transformers")
 from puzzle_jax import costs, harness, model
 from puzzle_jax import export as ex
 from puzzle_jax.arch import Arch, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
+from archs import hetero_child
 
 V, L, NEW = 97, 12, 16
 EOS = 2
-
-
-def child_arch() -> Arch:
-  B = BlockSpec
-  blocks = (
-      B(AttnSpec("gqa", num_kv_heads=4), FFNSpec("swiglu", 256)),
-      B(AttnSpec("gqa", num_kv_heads=2, window=4), FFNSpec("swiglu", 128)),
-      B(AttnSpec("linear"), FFNSpec("linear")),
-      B(AttnSpec("noop"), FFNSpec("noop")),
-      B(AttnSpec("gqa", num_kv_heads=1), FFNSpec("swiglu", 256), parallel_group=0),
-      B(AttnSpec("noop"), FFNSpec("swiglu", 128), parallel_group=0),
-      B(AttnSpec("gqa", num_kv_heads=2), FFNSpec("noop")),
-  )
-  rope = RopeSpec(theta=10000.0, rope_type="llama3", factor=8.0, original_max_position=16)
-  return Arch(vocab_size=V, hidden_size=64, num_heads=4, head_dim=16, blocks=blocks, rope=rope,
-              bos_token_id=1, eos_token_id=EOS)
 
 
 def parent_arch() -> Arch:
@@ -76,7 +61,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def child(tmp_path_factory):
-  arch = child_arch()
+  arch = hetero_child()
   params = random_params(arch)
   path = export(arch, params, tmp_path_factory.mktemp("child") / "model")
   return arch, params, path, harness.load_model(path, dtype=torch.float32, device="cpu")
