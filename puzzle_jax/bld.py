@@ -17,7 +17,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -119,9 +120,8 @@ def compare_at(problem, library, parent_params: Params, ref: Reference, bi: np.n
   return out
 
 
-def run(config) -> "pathlib.Path":
+def run(config) -> pathlib.Path:
   """`python -m puzzle_jax evaluate`: parent vs MIP child vs baselines, across the Pareto sweep."""
-  import pathlib
   from puzzle_jax import bld, search, workdir as W
   paths = W.Paths.from_config(config)
   if paths.report.exists():

@@ -16,7 +16,6 @@ distribution (Puzzle's best score), LM-loss delta vs the parent, and top-1 agree
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -28,7 +27,6 @@ import numpy as np
 from puzzle_jax import candidates as cands
 from puzzle_jax import model
 from puzzle_jax.arch import Arch, ArchError
-from puzzle_jax.candidates import Candidate
 
 Params = dict[str, Any]
 METRICS = ("kl", "lm_loss_delta", "one_minus_top1")

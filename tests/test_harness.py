@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 from puzzle_jax import costs, harness, model
 from puzzle_jax import export as ex
 from puzzle_jax.arch import Arch, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
-from archs import hetero_child
+from archs import hetero_child, random_params
 
 V, L, NEW = 97, 12, 16
 EOS = 2
@@ -30,18 +30,6 @@ EOS = 2
 def parent_arch() -> Arch:
   return uniform_arch(vocab_size=V, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4,
                       intermediate_size=256, bos_token_id=1, eos_token_id=EOS)
-
-
-def random_params(arch: Arch, seed: int = 0) -> dict:
-  """init_params' tree drawn in numpy (fast): matrices N(0, 1/fan_in), norms 1 + N(0, 0.1^2)."""
-  rng = np.random.RandomState(seed)
-  abstract = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch))
-
-  def draw(x):
-    if len(x.shape) == 1:
-      return np.asarray(1 + 0.1 * rng.randn(*x.shape), np.float32)
-    return np.asarray(rng.randn(*x.shape) / np.sqrt(x.shape[1]), np.float32)
-  return jax.tree_util.tree_map(draw, abstract)
 
 
 def export(arch, params, out):

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from puzzle_jax import bld, candidates as cands, model, scoring
+from puzzle_jax import bld, candidates as cands, scoring
 
 
 @pytest.fixture(scope="module")
