@@ -61,5 +61,11 @@ case "${1:-}" in
     run timeout 200 python3 benchmarks/inference.py --device-size h100 --model child-random --variants unrolled \
       --compile-80 --out "$OUT/infer_child.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f"; exit 2 ;;
+  g)  # PyTorch per-variant cost table on the H100 (the MIP's serving-stack costs); 80-layer compile time
+    run timeout 240 python3 -m puzzle_jax.harness costs --arch-from benchmarks/data/smollm2_parent \
+      --keys attn/gqa_kv3,attn/gqa_kv1,attn/linear,attn/noop,ffn/swiglu_1536,ffn/swiglu_768,ffn/swiglu_384,ffn/linear,ffn/noop \
+      --batch 4 --prompt-len 128 --gen-len 64 --out "$OUT/h100_costs_torch.json"
+    run timeout 200 python3 -c "import json; from benchmarks import inference as I; r = I.compile_80(False); print(json.dumps(r)); open('$OUT/compile80.json', 'w').write(json.dumps(r))"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g"; exit 2 ;;
 esac
