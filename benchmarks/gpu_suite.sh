@@ -67,5 +67,11 @@ case "${1:-}" in
       --batch 4 --prompt-len 128 --gen-len 64 --out "$OUT/h100_costs_torch.json"
     run timeout 200 python3 -c "import json; from benchmarks import inference as I; r = I.compile_80(False); print(json.dumps(r)); open('$OUT/compile80.json', 'w').write(json.dumps(r))"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g"; exit 2 ;;
+  h)  # the MIP child chosen from the torch cost table (step g) vs its parent, serving harness
+    run python3 benchmarks/export_random.py benchmarks/data/smollm2_parent $ROOT/rp
+    run python3 benchmarks/export_random.py benchmarks/data/torchcost_child $ROOT/rc
+    run timeout 300 python3 -m puzzle_jax.harness measure --parent $ROOT/rp --child $ROOT/rc --requests 16 \
+      --out "$OUT/h100_measure_torchcost.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h"; exit 2 ;;
 esac
