@@ -456,8 +456,7 @@ def run(config) -> pathlib.Path:
   """`python -m puzzle_jax bld`: train the candidate library (resumes; skips when done)."""
   from puzzle_jax import workdir as W
   paths = W.Paths.from_config(config)
-  if (paths.library / "library.json").exists():
-    print(f"bld: {paths.library} exists, skipping")
+  if W.finished("bld", paths.library, paths.library / "library.json"):
     return paths.library
   arch, params = W.load_parent(config)
   tok = W.load_tok(config)

@@ -562,8 +562,7 @@ def run(config) -> pathlib.Path:
   """`python -m puzzle_jax costs`: measure every library variant (or validate a given table)."""
   from puzzle_jax import bld, workdir as W
   paths = W.Paths.from_config(config)
-  if paths.costs.exists():
-    print(f"costs: {paths.costs} exists, skipping")
+  if W.finished("costs", paths.costs):
     return paths.costs
   library = bld.load_library(paths.library)
   keys = sorted({c.key for c in library.candidates})

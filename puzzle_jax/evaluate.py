@@ -124,8 +124,7 @@ def run(config) -> pathlib.Path:
   """`python -m puzzle_jax evaluate`: parent vs MIP child vs baselines, across the Pareto sweep."""
   from puzzle_jax import bld, search, workdir as W
   paths = W.Paths.from_config(config)
-  if paths.report.exists():
-    print(f"evaluate: {paths.report} exists, skipping")
+  if W.finished("evaluate", paths.report):
     return paths.report
   parent_arch, parent_params = W.load_parent(config)
   library = bld.load_library(paths.library)

@@ -45,8 +45,7 @@ def run(config) -> pathlib.Path:
   import json
   from puzzle_jax import bld, io, workdir as W
   paths = W.Paths.from_config(config)
-  if (paths.child / "arch.json").exists():
-    print(f"realize: {paths.child} exists, skipping")
+  if W.finished("realize", paths.child, paths.child / "arch.json"):
     return paths.child
   if not paths.solution.exists():
     raise FileNotFoundError(f"{paths.solution} missing: run the `mip` stage first")

@@ -206,8 +206,7 @@ def run(config) -> pathlib.Path:
   """`python -m puzzle_jax score`: replace-1-block scores of the whole library."""
   from puzzle_jax import bld, workdir as W
   paths = W.Paths.from_config(config)
-  if paths.scores.exists():
-    print(f"score: {paths.scores} exists, skipping")
+  if W.finished("score", paths.scores):
     return paths.scores
   arch, params = W.load_parent(config)
   library = bld.load_library(paths.library)

@@ -128,8 +128,7 @@ def run(config) -> pathlib.Path:
   """`python -m puzzle_jax mip`: solve for the configured targets; Pareto sweep; plots."""
   from puzzle_jax import workdir as W
   paths = W.Paths.from_config(config)
-  if paths.solution.exists():
-    print(f"mip: {paths.solution} exists, skipping")
+  if W.finished("mip", paths.solution):
     return paths.solution
   problem = load_problem(config)
   sols = mip.diverse_solutions(problem.layers, budgets(problem.parent_totals, problem.targets),

@@ -49,6 +49,14 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def finished(stage: str, artifact: pathlib.Path, marker: pathlib.Path | None = None) -> bool:
+  """True (and says so) when a stage's final artifact (or its completion marker) exists."""
+  if (marker or artifact).exists():
+    print(f"{stage}: {artifact} exists, skipping")
+    return True
+  return False
+
+
 def _jsonable(x):
   if isinstance(x, (np.floating, np.integer)):
     return x.item()

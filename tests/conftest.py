@@ -57,3 +57,13 @@ def real_tokens(smollm2_gguf, wikitext_lines):
   ids = [t for line in wikitext_lines[:120] for t in tok.encode(line)]
   assert len(ids) >= 16 * 128
   return np.asarray(ids[: 16 * 128], np.int32).reshape(16, 128)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+  """Tiny matmuls: torch's intra-op threads only fight XLA's for the 2 cores (10-100x slower)."""
+  import torch
+  n = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(n)

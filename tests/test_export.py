@@ -86,13 +86,7 @@ def export_quietly(arch, params, out, **kw) -> pathlib.Path:
     return ex.export(arch, params, out, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """Tiny matmuls: torch's intra-op threads only fight XLA's for the 2 cores (10-100x slower)."""
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])

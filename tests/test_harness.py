@@ -11,7 +11,6 @@ import json
 import math
 import warnings
 
-import jax
 import numpy as np
 import pytest
 
@@ -20,7 +19,7 @@ pytest.importorskip("transformers")
 
 from puzzle_jax import costs, harness, model
 from puzzle_jax import export as ex
-from puzzle_jax.arch import Arch, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
+from puzzle_jax.arch import Arch, FFNSpec, uniform_arch
 from archs import hetero_child, random_params
 
 V, L, NEW = 97, 12, 16
@@ -38,13 +37,7 @@ def export(arch, params, out):
     return ex.export(arch, params, out, dtype="float32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """Tiny matmuls: torch's intra-op threads only fight XLA's for the 2 cores."""
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
