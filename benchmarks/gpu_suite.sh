@@ -73,5 +73,45 @@ case "${1:-}" in
     run timeout 300 python3 -m puzzle_jax.harness measure --parent $ROOT/rp --child $ROOT/rc --requests 16 \
       --out "$OUT/h100_measure_torchcost.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h"; exit 2 ;;
+  i)  # batch-1 decode: fused Pallas kernels vs XLA, XLA flag sets (CUDA-graph while loops), kernels per token
+    run timeout 170 python3 benchmarks/decode_profile.py --model smollm2 --impls xla,pallas --flags default \
+      --profile --timeout 160 --out "$OUT/decode_profile_smollm2.json"
+    run timeout 200 python3 benchmarks/decode_profile.py --model 8b --impls xla,pallas --flags default --runs 5 \
+      --timeout 190 --out "$OUT/decode_profile_8b.json"
+    run timeout 200 python3 benchmarks/inference.py --device-size h100 --model smollm2-random --variants scan,unrolled \
+      --skip-hf --out "$OUT/infer_smollm2_random.json"
+    ;;
+  j)  # batch-1 fused-kernel launch knobs (SmolLM2 shapes)
+    run timeout 420 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 410 \
+      --impls xla,pallas,pallas/MATMUL_WARPS=4,pallas/MAX_PROGRAMS=132,pallas/CHUNK_S=32 \
+      --out "$OUT/decode_knobs_smollm2.json"
+    ;;
+  k)  # issue 5: 8B-shaped parent vs the MIP's child from H100 torch costs (random weights); SmolLM2 1.5x child
+    KEYS=$(python3 benchmarks/puzzle8b.py keys --parent benchmarks/data/llama8b_parent)
+    run timeout 200 python3 -m puzzle_jax.harness costs --arch-from benchmarks/data/llama8b_parent --keys "$KEYS" \
+      --batch 64 --prompt-len 512 --gen-len 128 --out "$OUT/h100_costs_torch_8b.json"
+    run python3 benchmarks/puzzle8b.py select --parent benchmarks/data/llama8b_parent \
+      --scores benchmarks/data/llama8b_proxy_scores.json --costs "$OUT/h100_costs_torch_8b.json" --target 1.5 \
+      --out "$OUT/puzzle8b"
+    run timeout 200 python3 -m puzzle_jax.harness measure --parent benchmarks/data/llama8b_parent \
+      --child "$OUT/puzzle8b/child" --random-weights --decode-batches 1,64 --prefill-grid 4x1024 \
+      --out "$OUT/h100_measure_8b.json"
+    run timeout 150 python3 -m puzzle_jax.harness measure --parent benchmarks/data/smollm2_parent \
+      --child benchmarks/data/torchcost_child15 --random-weights --out "$OUT/h100_measure_child15.json"
+    ;;
+  l)  # fast path with the fused batch-1 kernels: profile, transformers comparison (SmolLM2 shapes), child
+    run timeout 200 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 190 \
+      --impls xla,pallas --out "$OUT/decode_profile_final.json"
+    run timeout 200 python3 benchmarks/inference.py --device-size h100 --model smollm2-random --variants unrolled \
+      --out "$OUT/infer_smollm2_hf.json"
+    run timeout 200 python3 benchmarks/inference.py --device-size h100 --model child-random --variants unrolled \
+      --out "$OUT/infer_child.json"
+    ;;
+  m)  # heterogeneous child vs its parent at batch 1, fused kernels and XLA, same run
+    run timeout 150 python3 benchmarks/decode_profile.py --model smollm2 --flags default --impls xla,pallas \
+      --timeout 140 --out "$OUT/decode_parent.json"
+    run timeout 150 python3 benchmarks/decode_profile.py --model child --flags default --impls xla,pallas \
+      --timeout 140 --out "$OUT/decode_child.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m"; exit 2 ;;
 esac

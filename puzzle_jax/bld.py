@@ -360,10 +360,8 @@ LIBRARY_FORMAT = "puzzle_jax.library/v1"
 
 
 @dataclasses.dataclass
-class Library:
-  """BLD's output: every candidate, its held-out BLD loss, and its trained params."""
-  arch: Arch
-  candidates: list[Candidate]
+class Library(cands.CandidateSet):
+  """BLD's output: every candidate (arch, candidates, `at`), its held-out BLD loss, and its trained params."""
   bld_loss: dict[str, float]
   rows: dict[str, tuple[str, int]]  # candidate id -> (group name, row in the stacked params)
   params_by_group: dict[str, Params]
@@ -377,9 +375,6 @@ class Library:
       return attn_p if c.sub == "attn" else ffn_p
     name, row = self.rows[c.id]
     return jax.tree_util.tree_map(lambda x: x[row], self.params_by_group[name])
-
-  def at(self, layer: int, sub: str) -> list[Candidate]:
-    return [c for c in self.candidates if c.layer == layer and c.sub == sub]
 
 
 def save_library(path: pathlib.Path, arch: Arch, library: Sequence[Candidate], groups: Sequence[Group],

@@ -127,6 +127,21 @@ def build_library(arch: Arch, cfg: LibraryConfig) -> list[Candidate]:
   return out
 
 
+@dataclasses.dataclass
+class CandidateSet:
+  """A parent's candidates, without params: all the search needs (`bld.Library` adds trained params)."""
+  arch: Arch
+  candidates: list[Candidate]
+
+  def at(self, layer: int, sub: str) -> list[Candidate]:
+    return [c for c in self.candidates if c.layer == layer and c.sub == sub]
+
+  @property
+  def keys(self) -> list[str]:
+    """Every distinct variant key, in first-seen order (what a cost table must cover)."""
+    return list(dict.fromkeys(c.key for c in self.candidates))
+
+
 # ----------------------------------------------------------------------------- calibration
 def calib_stats_layer(arch: Arch, layer_params: Params, spec, h_in_BxLxD, attn_BxLxD, mid_BxLxD,
                       ffn_BxLxD) -> dict[str, jax.Array]:

@@ -4,7 +4,8 @@ The directory holds `config.json` (`Arch.to_hf_config`, the NVIDIA `block_config
 safetensors weights under the HF names of `puzzle_jax.names` (one `model.safetensors`, or shards plus
 `model.safetensors.index.json` above `max_shard_bytes`), the remote code of `puzzle_jax/hf_export`
 (so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` runs it),
-`generation_config.json` and, when given, the tokenizer.
+`generation_config.json` and, when given, the tokenizer. `export_config` writes the same directory
+without weights (an architecture for speed runs on random weights).
 
 Everything is validated first (every tensor present with the shape the arch implies, no NaN/Inf, an
 arch the format can express), then written into `<out_dir>.tmp-<id>` and renamed into place, so a
@@ -21,7 +22,7 @@ import pathlib
 import shutil
 import sys
 import uuid
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_dtypes
@@ -164,29 +165,56 @@ def export(arch: Arch, params: Params, out_dir: str | pathlib.Path, *, tokenizer
            dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
   """Write an HF directory loadable with `AutoModelForCausalLM.from_pretrained(out_dir,
   trust_remote_code=True)`. Replaces an earlier export at `out_dir`; returns its path."""
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype {dtype!r} unsupported; use one of {sorted(DTYPES)}")
+  out = _target(arch, out_dir, dtype)
   if sys.byteorder != "little":
     raise RuntimeError("safetensors export assumes a little-endian host")
+  flat = check_params(arch, params)
+
+  def weights(tmp: pathlib.Path) -> None:
+    write_weights(tmp, flat, dtype, max_shard_bytes)
+    if tokenizer is not None:
+      tokenizer.save(tmp)
+  return _write_export(arch, out, dtype, weights)
+
+
+def export_config(arch: Arch, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
+                  code: bool = True) -> pathlib.Path:
+  """A weightless export: config.json, generation_config.json and (with `code`) the remote code,
+  no safetensors.
+
+  Enough for speed runs, which build random weights from the config
+  (`puzzle_jax.harness.load_model(..., random_weights=True)`, with this package's copy of the
+  modeling code, so committed descriptions need no `code`)."""
+  return _write_export(arch, _target(arch, out_dir, dtype), dtype, lambda tmp: None, code)
+
+
+def _target(arch: Arch, out_dir: str | pathlib.Path, dtype: str) -> pathlib.Path:
+  """The resolved export path, after the checks that need no params (dtype, target, arch)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} unsupported; use one of {sorted(DTYPES)}")
   out = pathlib.Path(out_dir).resolve()
   if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).exists())):
     raise FileExistsError(f"{out} exists and is not an earlier export (no {CONFIG_FILE}); "
                           "pick a new directory or remove it")
   check_exportable(arch)
-  flat = check_params(arch, params)
+  return out
+
+
+def _write_export(arch: Arch, out: pathlib.Path, dtype: str, fill: Callable[[pathlib.Path], None],
+                  code: bool = True) -> pathlib.Path:
+  """Config, generation config, remote code and whatever `fill` adds, written into a temporary
+  directory that is renamed into place (a directory under the final name is always complete)."""
   config = {**arch.to_hf_config(dtype=dtype), "auto_map": dict(AUTO_MAP)}
 
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
   tmp.mkdir()
   try:
-    write_weights(tmp, flat, dtype, max_shard_bytes)
+    fill(tmp)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config(arch), indent=2) + "\n")
-    for fname in hf_export.FILES:
+    for fname in hf_export.FILES if code else ():
       shutil.copyfile(hf_export.DIR / fname, tmp / fname)
-    if tokenizer is not None:
-      tokenizer.save(tmp)
     _replace_dir(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

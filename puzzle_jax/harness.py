@@ -1,6 +1,7 @@
 """Serving measurements of exported children in PyTorch (the H100 harness).
 
-    python -m puzzle_jax.harness measure --parent DIR [--child DIR] --out OUT.json [--quick]
+    python -m puzzle_jax.harness measure --parent DIR [--child DIR] --out OUT.json [--quick] \
+        [--random-weights] [--decode-batches 1,64] [--prefill-grid 16x1024,1x1024]
     python -m puzzle_jax.harness costs --arch-from DIR --keys k1,k2,... --batch B --prompt-len L \
         --gen-len G --out costs.json [--check-whole]
 
@@ -11,6 +12,8 @@ What it measures, on an exported directory (`puzzle_jax.export`, loaded with
   requests  a workload of prompts in static, left-padded batches, each generating until EOS or the
             cap: requests/s and tokens per request, so a child that writes longer answers is not
             credited with per-token speed alone (the gpt-oss-puzzle paper's request-level metric).
+            Skipped with --random-weights (config-only exports, `export.export_config`): random
+            weights make stop behaviour meaningless, so `requests` is null.
   costs     per-sub-block prefill/decode times as PyTorch modules, in the `puzzle_jax.costs/v1`
             format the MIP reads (`--config.costs.table=PATH`).
 
@@ -70,10 +73,21 @@ def device_default() -> torch.device:
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
-               device: torch.device | str | None = None) -> torch.nn.Module:
-  """An exported directory as the HF module (shipped remote code), in eval mode on `device`."""
+               device: torch.device | str | None = None, random_weights: bool = False) -> torch.nn.Module:
+  """An exported directory as the HF module (shipped remote code), in eval mode on `device`.
+
+  `random_weights`: build the module from config.json alone (`export.export_config` dirs, no
+  safetensors and no need for the remote code: this package's copy of it is used), weights drawn by
+  the modeling code's `_init_weights` (N(0, 0.02), norms 1), directly on `device`, so an 8B model
+  never sits in host memory. For speed runs: the values are meaningless."""
   import transformers
   device = torch.device(device) if device is not None else device_default()
+  if random_weights:
+    from puzzle_jax.hf_export import configuration_decilm, modeling_decilm
+    cfg = configuration_decilm.DeciLMConfig.from_pretrained(str(path))
+    with device:
+      m = modeling_decilm.DeciLMForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return m.eval()
   m = transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=dtype,
                                                         attn_implementation="sdpa")
   return m.to(device).eval()
@@ -925,23 +939,37 @@ def workload(tokenizer, vocab_size: int, n: int, sizes: Sizes, *, prompts_file: 
   return [rng.integers(0, vocab_size, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
 
 
+RANDOM_WEIGHTS_NOTE = ("random weights: request workload and greedy check skipped (stop behaviour and "
+                       "tokens mean nothing); prefill/decode speeds are valid")
+
+
 def measure_one(path: str, prompts: list, tokenizer, sizes: Sizes, *, dtype: torch.dtype, mode: str,
-                device: torch.device) -> dict[str, Any]:
-  model = load_model(path, dtype=dtype, device=device)
+                device: torch.device, random_weights: bool = False) -> dict[str, Any]:
+  model = load_model(path, dtype=dtype, device=device, random_weights=random_weights)
   out = measure_model(model, prefill_grid=sizes.prefill_grid, decode_batches=sizes.decode_batches,
                       decode_context=sizes.decode_context, new_tokens=sizes.new_tokens, mode=mode,
                       repeats=sizes.repeats, warmup=sizes.warmup)
   out["model"]["path"] = str(path)
+  out["model"]["random_weights"] = random_weights
+  if random_weights:
+    out["requests"] = out["check"] = None
+  else:
+    _measure_quality_side(out, model, prompts, tokenizer, sizes, mode, device)
+  del model
+  if device.type == "cuda":
+    torch.cuda.empty_cache()
+  return out
+
+
+def _measure_quality_side(out: dict[str, Any], model: torch.nn.Module, prompts: list, tokenizer, sizes: Sizes,
+                          mode: str, device: torch.device) -> None:
+  """The request workload and the greedy check: both depend on what the weights generate."""
   eos = eos_ids_of(model, tokenizer)
   _reset_peak(device)
   out["requests"] = measure_requests(model, tokenizer, prompts, batch=sizes.request_batch,
                                      max_new_tokens=sizes.max_new_tokens, eos_ids=eos, mode=mode)
   out["requests"]["peak_memory_bytes"] = _peak(device)
   out["check"] = greedy_check(model, [_encode(tokenizer, p) for p in prompts[:2]], mode=mode, eos_ids=eos)
-  del model
-  if device.type == "cuda":
-    torch.cuda.empty_cache()
-  return out
 
 
 def compare(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -969,11 +997,12 @@ def _fmt_table(result: dict[str, Any]) -> str:
   cols = ([f"pre {r['batch']}x{r['prompt_len']}" for r in first["prefill"]]
           + [f"dec b{r['batch']}" for r in first["decode"]] + ["req/s", "tok/req", "peak GB"])
   lines = [f"{'':<8}" + "".join(f"{c:>14}" for c in cols) + "   (tokens/s unless noted)"]
+  nan = float("nan")
   for role in roles:
     m = result[role]
     vals = [r["tokens_per_s"] for r in m["prefill"]] + [r["tokens_per_s"] for r in m["decode"]]
-    vals += [m["requests"]["requests_per_s"], m["requests"]["mean_new_tokens"],
-             (m["peak_memory_bytes"] or 0) / 2**30]
+    req = m["requests"] or {}  # None: skipped (random weights)
+    vals += [req.get("requests_per_s", nan), req.get("mean_new_tokens", nan), (m["peak_memory_bytes"] or 0) / 2**30]
     lines.append(f"{role:<8}" + "".join(f"{v:>14.4g}" for v in vals))
   if "ratios" in result:
     r = result["ratios"]
@@ -981,6 +1010,8 @@ def _fmt_table(result: dict[str, Any]) -> str:
     vals += [r.get("request_speedup", float("nan")), r.get("tokens_per_request_ratio", float("nan")),
              r.get("peak_memory_ratio", float("nan"))]
     lines.append(f"{'child/par':<8}" + "".join(f"{v:>14.4g}" for v in vals))
+  if result["harness"].get("random_weights"):
+    lines.append(f"req/s, tok/req: n/a ({RANDOM_WEIGHTS_NOTE})")
   return "\n".join(lines)
 
 
@@ -990,21 +1021,33 @@ def _dtype_arg(name: str, device: torch.device) -> torch.dtype:
   return TORCH_DTYPES[name]
 
 
+def _sizes(base: Sizes, args: argparse.Namespace) -> Sizes:
+  """`base` with the command line's decode batches / prefill grid, where given, in place of its own."""
+  over = {k: v for k, v in (("decode_batches", args.decode_batches), ("prefill_grid", args.prefill_grid)) if v}
+  return dataclasses.replace(base, **over)
+
+
 def cmd_measure(args: argparse.Namespace) -> dict[str, Any]:
   dev = device_default()
-  sizes = QUICK if args.quick or dev.type != "cuda" else FULL
+  quick = args.quick or dev.type != "cuda"
+  sizes = _sizes(QUICK if quick else FULL, args)
   dtype = _dtype_arg(args.dtype, dev)
   tokenizer = load_tokenizer(args.tokenizer or args.parent)
   vocab = json.loads((pathlib.Path(args.parent) / "config.json").read_text())["vocab_size"]
-  prompts = workload(tokenizer, vocab, args.requests or sizes.requests, sizes, prompts_file=args.prompts)
+  prompts = [] if args.random_weights else workload(tokenizer, vocab, args.requests or sizes.requests, sizes,
+                                                     prompts_file=args.prompts)
   result: dict[str, Any] = {"harness": {"device": _device_name(dev), "dtype": str(dtype), "mode": args.mode,
                                         "sizes": dataclasses.asdict(sizes), "torch": torch.__version__,
-                                        "quick": sizes is QUICK, "tokenizer": tokenizer is not None}}
+                                        "quick": quick, "tokenizer": tokenizer is not None,
+                                        "random_weights": args.random_weights}}
+  if args.random_weights:
+    result["harness"]["note"] = RANDOM_WEIGHTS_NOTE
   t0 = time.perf_counter()
   for role, path in (("parent", args.parent), ("child", args.child)):
     if path:
       print(f"[harness] measuring {role}: {path}", file=sys.stderr, flush=True)
-      result[role] = measure_one(path, prompts, tokenizer, sizes, dtype=dtype, mode=args.mode, device=dev)
+      result[role] = measure_one(path, prompts, tokenizer, sizes, dtype=dtype, mode=args.mode, device=dev,
+                                 random_weights=args.random_weights)
   if args.child:
     result["ratios"] = compare(result["parent"], result["child"])
   result["harness"]["wall_s"] = time.perf_counter() - t0
@@ -1050,6 +1093,25 @@ def _write_json(obj: Any, path: str | os.PathLike) -> None:
   os.replace(tmp, path)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+  out = tuple(int(t) for t in text.split(",") if t.strip())
+  if not out or min(out) < 1:
+    raise argparse.ArgumentTypeError(f"need positive integers separated by commas, got {text!r}")
+  return out
+
+
+def _grid(text: str) -> tuple[tuple[int, int], ...]:
+  pairs = []
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    b, sep, length = item.partition("x")
+    if not (sep and b.isdigit() and length.isdigit() and int(b) > 0 and int(length) > 0):
+      raise argparse.ArgumentTypeError(f"need BATCHxPROMPT_LEN pairs separated by commas, got {text!r}")
+    pairs.append((int(b), int(length)))
+  if not pairs:
+    raise argparse.ArgumentTypeError(f"need at least one BATCHxPROMPT_LEN pair, got {text!r}")
+  return tuple(pairs)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(prog="python -m puzzle_jax.harness", description=__doc__.split("\n\n")[0])
   sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1063,6 +1125,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   m.add_argument("--tokenizer", help="directory of the tokenizer (default: the parent's, if it has one)")
   m.add_argument("--prompts", help="text file, one request prompt per line (default: built-in questions)")
   m.add_argument("--requests", type=int, default=0, help="prompts in the request workload (0 = default)")
+  m.add_argument("--random-weights", action="store_true",
+                 help="build both models from config.json with random weights (no safetensors needed); "
+                      "skips the request workload and the greedy check")
+  m.add_argument("--decode-batches", type=_int_list, default=None,
+                 help="comma-separated decode batch sizes, e.g. 64 (default: the sizes' own)")
+  m.add_argument("--prefill-grid", type=_grid, default=None,
+                 help="comma-separated BATCHxPROMPT_LEN prefill shapes, e.g. 16x1024,1x1024 (default: the sizes' own)")
   c = sub.add_parser("costs", help="per-sub-block cost table (puzzle_jax.costs/v1) on this device")
   c.add_argument("--arch-from", required=True, help="exported HF directory whose dims (and arch) to use")
   c.add_argument("--keys", default="", help="comma-separated variant keys (default: the arch's own)")

@@ -4,7 +4,8 @@ Same semantics as `puzzle_jax.model` (the reference: same RoPE, norms, masks, sa
 `generate` conventions), laid out for speed:
 
 * `prepare(arch, params, dtype)` converts `model` params once, outside jit, into `InferParams`:
-  weights cast and transposed to [in, out], q/k/v fused into one matrix and gate/up into another
+  weights cast, kept in the HF [out, in] layout (a batch-1 matrix-vector product then reads each
+  output's weights contiguously), q/k/v fused into one matrix and gate/up into another
   (one matmul each; at decode batch 1 every launch counts), and each run of consecutive identical
   blocks stacked, so that one `lax.scan` covers the run and compile time grows with the number of
   distinct runs, not layers. Parallel groups (blocks that read one input and add their deltas) are
@@ -23,6 +24,8 @@ Same semantics as `puzzle_jax.model` (the reference: same RoPE, norms, masks, sa
   einsums are batched over (B, K) with contiguous [S, H] per batch, so they read the cache
   directly, and each step writes one [B, K, 1, H] slot with `dynamic_update_slice`. Per step the
   work is one pass over the cache (O(cache length)) plus the weights.
+* Small-batch decode (latency-bound: launches, not bytes, set the speed) runs each block through
+  the five fused kernels of `puzzle_jax.kernels` instead (`decode_impl`), on the same cache.
 
 Axis legend: as in `puzzle_jax.arch` (B batch, L tokens, S cache slots, D hidden, N query heads,
 K kv heads, G = N/K, H head dim, F FFN width, V vocab), plus n = layers in a scanned run,
@@ -39,14 +42,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from puzzle_jax import model
+from puzzle_jax import kernels, model
 from puzzle_jax.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, parallel_runs
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
 ATTN_IMPLS = ("auto", "cudnn", "xla")
+DECODE_IMPLS = ("auto", "pallas", "xla")
 CUDNN_HEAD_DIMS = (64, 128)
-CACHE_MULTIPLE = 8  # cache slots are rounded up to this (aligned loads; extra slots stay masked)
+CACHE_MULTIPLE = kernels.BLOCK_S  # cache slots are rounded up to this (whole kernel blocks; extra slots stay masked)
+# "auto" decodes with the fused kernels in the latency-bound regime only: up to this many rows, and
+# hidden sizes up to FUSED_MAX_HIDDEN (at Llama-8B shapes XLA's own matrix-vector products already
+# stream weights at ~2.9 TB/s and the kernels measured slower: BENCHMARKS.md).
+FUSED_MAX_BATCH = 4
+FUSED_MAX_HIDDEN = 2048
 
 
 # ----------------------------------------------------------------------------- params
@@ -81,10 +90,10 @@ def _same_spec(a: BlockSpec, b: BlockSpec) -> bool:
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["embed_VxD", "head_VxD", "norm_D", "blocks"],
-                   meta_fields=["arch", "plan", "attn_impl"])
+                   meta_fields=["arch", "plan", "attn_impl", "decode_impl"])
 @dataclasses.dataclass(frozen=True)
 class InferParams:
-  """Inference weights (a pytree; `arch`, `plan` and `attn_impl` are static)."""
+  """Inference weights (a pytree; `arch`, `plan`, `attn_impl` and `decode_impl` are static)."""
   embed_VxD: jax.Array
   head_VxD: jax.Array  # the embedding itself when tied
   norm_D: jax.Array
@@ -93,6 +102,7 @@ class InferParams:
   arch: Arch
   plan: tuple[Segment, ...]
   attn_impl: str = "auto"
+  decode_impl: str = "auto"
 
   @property
   def dtype(self) -> jnp.dtype:
@@ -100,13 +110,18 @@ class InferParams:
 
 
 def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool = True,
-            attn_impl: str = "auto") -> InferParams:
+            attn_impl: str = "auto", decode_impl: str = "auto") -> InferParams:
   """`model` params (HF layout) -> `InferParams`: cast, transposed, fused, runs stacked.
 
   `attn_impl`: "auto" (cuDNN on GPU where it applies, else XLA), "cudnn" or "xla".
+  `decode_impl`: "auto" (the fused Pallas kernels of `puzzle_jax.kernels` on GPU for batches of
+  at most FUSED_MAX_BATCH rows and hidden sizes up to FUSED_MAX_HIDDEN, XLA otherwise), "pallas"
+  (always; interpreted off-GPU, for tests) or "xla". Blocks the kernels do not cover (biases, parallel groups, odd widths) use XLA anyway.
   """
   if attn_impl not in ATTN_IMPLS:
     raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+  if decode_impl not in DECODE_IMPLS:
+    raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
   plan = plan_segments(arch, scan)
   layers = params["model"]["layers"]
 
@@ -124,7 +139,7 @@ def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool = True
   embed = jnp.asarray(params["model"]["embed_tokens"]["weight"], dtype)
   head = embed if arch.tie_embeddings else jnp.asarray(params["lm_head"]["weight"], dtype)
   return InferParams(embed, head, jnp.asarray(params["model"]["norm"]["weight"], dtype), tuple(blocks),
-                     arch, plan, attn_impl)
+                     arch, plan, attn_impl, decode_impl)
 
 
 def _stack(blocks: list[Params]) -> Params:
@@ -143,13 +158,13 @@ def _attn_params(layer: Params, spec: AttnSpec) -> Params:
   a = layer["self_attn"]
   p = {"attn_norm_D": layer["input_layernorm"]["weight"]}
   if spec.kind == "linear":
-    p["wa_DxD"] = jnp.asarray(a["linear_attn"]["weight"]).T
+    p["wa_DxD"] = jnp.asarray(a["linear_attn"]["weight"])
     return _with_bias(p, "ba_D", [a["linear_attn"].get("bias")])
   if spec.num_sink_tokens:
     raise ArchError("attention sinks are not implemented yet (gpt-oss issue)")
   qkv = [a[n] for n in ("q_proj", "k_proj", "v_proj")]
-  p["wqkv_DxE"] = jnp.concatenate([jnp.asarray(m["weight"]).T for m in qkv], axis=1)
-  p["wo_AxD"] = jnp.asarray(a["o_proj"]["weight"]).T
+  p["wqkv_ExD"] = jnp.concatenate([jnp.asarray(m["weight"]) for m in qkv], axis=0)
+  p["wo_DxA"] = jnp.asarray(a["o_proj"]["weight"])
   _with_bias(p, "bqkv_E", [m.get("bias") for m in qkv])
   return _with_bias(p, "bo_D", [a["o_proj"].get("bias")])
 
@@ -160,13 +175,12 @@ def _ffn_params(layer: Params, spec: FFNSpec) -> Params:
   m = layer["mlp"]
   p = {"ffn_norm_D": layer["post_attention_layernorm"]["weight"]}
   if spec.kind == "linear":
-    p["wf_DxD"] = jnp.asarray(m["linear_mlp"]["weight"]).T
+    p["wf_DxD"] = jnp.asarray(m["linear_mlp"]["weight"])
     return _with_bias(p, "bf_D", [m["linear_mlp"].get("bias")])
   if spec.kind != "swiglu":
     raise ArchError("MoE FFN inference is not implemented yet (gpt-oss issue)")
-  gate, up = (jnp.asarray(m[n]["weight"]).T for n in ("gate_proj", "up_proj"))
-  p["wgu_Dx2xF"] = jnp.stack([gate, up], axis=1)
-  p["wd_FxD"] = jnp.asarray(m["down_proj"]["weight"]).T
+  p["wgu_2xFxD"] = jnp.stack([jnp.asarray(m[n]["weight"]) for n in ("gate_proj", "up_proj")])
+  p["wd_DxF"] = jnp.asarray(m["down_proj"]["weight"])
   return p
 
 
@@ -181,10 +195,12 @@ class _Ctx:
   unorder_BxL: jax.Array | None = None  # prefill: compacted -> original order (None: not compacted)
   index: jax.Array | None = None  # decode: the cache slot this token is written to
   masks: dict | None = None  # decode: {window: [B, S] keys the token may attend to}
+  fused: bool = False  # decode: run blocks through the fused kernels where they apply
+  kmasks: dict | None = None  # decode, fused: `masks` as int32 (what the attention kernel reads)
 
 
-def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-  y = jnp.einsum("...d,df->...f", x, w)
+def _linear(x: jax.Array, w_OxI: jax.Array, b: jax.Array | None = None) -> jax.Array:
+  y = jnp.einsum("...i,oi->...o", x, w_OxI)
   return y if b is None else y + b.reshape((1,) * (y.ndim - 1) + b.shape)
 
 
@@ -202,7 +218,7 @@ def _attn_delta(p: Params, h_BxLxD, spec: AttnSpec, ip: InferParams, ctx: _Ctx, 
     return _linear(x, p["wa_DxD"], p.get("ba_D")), kv
   B, L, _ = x.shape
   N, K, H = arch.num_heads, spec.num_kv_heads, arch.head_dim
-  qkv = _linear(x, p["wqkv_DxE"], p.get("bqkv_E"))
+  qkv = _linear(x, p["wqkv_ExD"], p.get("bqkv_E"))
   q = model.apply_rope(qkv[..., :N * H].reshape(B, L, N, H), ctx.cos, ctx.sin)
   k = model.apply_rope(qkv[..., N * H:(N + K) * H].reshape(B, L, K, H), ctx.cos, ctx.sin)
   v = qkv[..., (N + K) * H:].reshape(B, L, K, H)
@@ -214,7 +230,7 @@ def _attn_delta(p: Params, h_BxLxD, spec: AttnSpec, ip: InferParams, ctx: _Ctx, 
     if kv is not None:  # the cache keeps the original (left-padded) order
       kv = _write_kv(kv, i, _uncompact(k, ctx), _uncompact(v, ctx), 0)
     out = _prefill_attention(q, k, v, spec.window, ctx.impl)
-  return _linear(out.reshape(B, L, N * H), p["wo_AxD"], p.get("bo_D")), kv
+  return _linear(out.reshape(B, L, N * H), p["wo_DxA"], p.get("bo_D")), kv
 
 
 def _ffn_delta(p: Params, h_BxLxD, spec: FFNSpec, ip: InferParams):
@@ -223,8 +239,8 @@ def _ffn_delta(p: Params, h_BxLxD, spec: FFNSpec, ip: InferParams):
   x = _norm(p["ffn_norm_D"], h_BxLxD, ip.arch)
   if spec.kind == "linear":
     return _linear(x, p["wf_DxD"], p.get("bf_D"))
-  gu_BxLx2xF = jnp.einsum("bld,dtf->bltf", x, p["wgu_Dx2xF"])
-  return _linear(jax.nn.silu(gu_BxLx2xF[:, :, 0]) * gu_BxLx2xF[:, :, 1], p["wd_FxD"])
+  gu_BxLx2xF = jnp.einsum("bld,tfd->bltf", x, p["wgu_2xFxD"])
+  return _linear(jax.nn.silu(gu_BxLx2xF[:, :, 0]) * gu_BxLx2xF[:, :, 1], p["wd_DxF"])
 
 
 def _prefill_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window: int | None, impl: str) -> jax.Array:
@@ -270,10 +286,46 @@ def _read_kv(kv: Params, i) -> tuple[jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------- the stack
 def _block(p: Params, h_BxLxD, spec: BlockSpec, ip: InferParams, ctx: _Ctx, kv, i):
   """A sequential block: h + attn, then + FFN (transformers' order of the two residual adds)."""
+  if ctx.fused and _fusable(p, spec, ip.arch):
+    return _fused_block(p, h_BxLxD, spec, ip, ctx, kv, i)
   a, kv = _attn_delta(p, h_BxLxD, spec.attn, ip, ctx, kv, i)
   mid = h_BxLxD if a is None else h_BxLxD + a
   f = _ffn_delta(p, mid, spec.ffn, ip)
   return (mid if f is None else mid + f), kv
+
+
+def _fusable(p: Params, spec: BlockSpec, arch: Arch) -> bool:
+  """Whether `kernels` covers this block: no biases, widths the kernels tile."""
+  if any(k.startswith("b") for k in p):
+    return False
+  D, A, H = arch.hidden_size, arch.num_heads * arch.head_dim, arch.head_dim
+  a, f = spec.attn, spec.ffn
+  ok_a = a.kind != "gqa" or (kernels.supported(D, (arch.num_heads + 2 * a.num_kv_heads) * H)
+                             and kernels.supported(A, D) and kernels.head_dim_ok(H))
+  ok_f = f.kind != "swiglu" or (kernels.supported(D, f.intermediate_size) and kernels.supported(f.intermediate_size, D))
+  return ok_a and ok_f and kernels.supported(D, D)
+
+
+def _fused_block(p: Params, h_BxLxD, spec: BlockSpec, ip: InferParams, ctx: _Ctx, kv, i):
+  """The decode block in five kernels (see `puzzle_jax.kernels`); same results as `_block`."""
+  arch, eps = ip.arch, ip.arch.rms_eps
+  h = h_BxLxD[:, 0]
+  a, f = spec.attn, spec.ffn
+  if a.kind == "linear":
+    h = kernels.matmul(h, p["wa_DxD"], norm_D=p["attn_norm_D"], eps=eps, residual_BxN=h)
+  elif a.kind == "gqa":
+    qkv = kernels.matmul(h, p["wqkv_ExD"], norm_D=p["attn_norm_D"], eps=eps)
+    parts, k, v = kernels.decode_attention(qkv, ctx.cos[:, 0], ctx.sin[:, 0], ctx.kmasks[a.window], kv["k"],
+                                           kv["v"], i, ctx.index, num_heads=arch.num_heads,
+                                           num_kv_heads=a.num_kv_heads)
+    kv = {"k": k, "v": v}
+    h = kernels.attn_out(parts, p["wo_DxA"], h)
+  if f.kind == "linear":
+    h = kernels.matmul(h, p["wf_DxD"], norm_D=p["ffn_norm_D"], eps=eps, residual_BxN=h)
+  elif f.kind == "swiglu":
+    act = kernels.matmul(h, p["wgu_2xFxD"], norm_D=p["ffn_norm_D"], eps=eps, swiglu=True)
+    h = kernels.matmul(act, p["wd_DxF"], residual_BxN=h)
+  return h[:, None], kv
 
 
 def _parallel(ps: tuple, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx, kvs):
@@ -320,6 +372,13 @@ def _stack_apply(ip: InferParams, h_BxLxD, ctx: _Ctx, kvs: tuple | None):
 def _logits(ip: InferParams, h_BxLxD) -> jax.Array:
   h = _norm(ip.norm_D, h_BxLxD, ip.arch)
   return jnp.einsum("bld,vd->blv", h, ip.head_VxD, preferred_element_type=jnp.float32)
+
+
+def _decode_fused(ip: InferParams, batch: int) -> bool:
+  if ip.decode_impl != "auto":
+    return ip.decode_impl == "pallas"
+  return (jax.default_backend() == "gpu" and batch <= FUSED_MAX_BATCH
+          and ip.arch.hidden_size <= FUSED_MAX_HIDDEN and ip.dtype in (jnp.bfloat16, jnp.float16))
 
 
 def _attn_impl(ip: InferParams) -> str:
@@ -408,7 +467,9 @@ def _decode_step(ip: InferParams, tok_B, cache: Cache) -> tuple[jax.Array, Cache
   windows = {b.attn.window for b in ip.arch.blocks if b.attn.has_cache}
   masks = {w: valid if w is None else valid & (idx - slots_S < w)[None, :] for w in windows}
   cos, sin = model.rope_cos_sin(ip.arch, pos_B[:, None])
-  ctx = _Ctx(cos, sin, decode=True, index=idx, masks=masks)
+  fused = _decode_fused(ip, tok_B.shape[0])
+  kmasks = {w: m.astype(jnp.int32) for w, m in masks.items()} if fused else None
+  ctx = _Ctx(cos, sin, decode=True, index=idx, masks=masks, fused=fused, kmasks=kmasks)
   h, kvs = _stack_apply(ip, jnp.take(ip.embed_VxD, tok_B[:, None], axis=0), ctx, cache["layers"])
   new = {"layers": kvs, "index": idx + 1, "valid": valid, "next_pos": pos_B + 1}
   return _logits(ip, h)[:, 0], new

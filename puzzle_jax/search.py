@@ -14,6 +14,7 @@ import pathlib
 from typing import Any, Mapping, Sequence
 
 from puzzle_jax import mip
+from puzzle_jax.candidates import CandidateSet
 from puzzle_jax.realize import parent_choices
 
 COST_FIELDS = ("decode_s", "prefill_s", "weight_bytes", "kv_bytes", "params")
@@ -39,9 +40,11 @@ def _costs(entry: Mapping[str, float]) -> dict[str, float]:
   return out
 
 
-def layer_options(library, scores: Mapping[str, Mapping[str, float]], table: Mapping[str, Any],
+def layer_options(library: CandidateSet, scores: Mapping[str, Mapping[str, float]], table: Mapping[str, Any],
                   metric: str = "kl") -> list[mip.LayerOptions]:
-  """One Option per candidate; KL is clipped at 0 (the parent's own is 0 up to rounding)."""
+  """One Option per candidate; KL is clipped at 0 (the parent's own is 0 up to rounding).
+
+  `library`: a `bld.Library`, or a bare `candidates.CandidateSet` where scores come from elsewhere."""
   missing = [c.id for c in library.candidates if c.id not in scores]
   if missing:
     raise KeyError(f"{len(missing)} candidates have no score (e.g. {missing[:3]}); re-run the score stage")
@@ -97,7 +100,7 @@ class Problem:
     return all(totals[k] <= v * (1 + 1e-9) for k, v in b.items())
 
 
-def build_problem(library, scores, table, metric: str, targets: Targets) -> Problem:
+def build_problem(library: CandidateSet, scores, table, metric: str, targets: Targets) -> Problem:
   layers = layer_options(library, scores, table, metric)
   fixed = fixed_costs(table)
   _, parent_totals = mip.evaluate(layers, parent_choices(library.arch), fixed=fixed)

@@ -121,6 +121,26 @@ def test_export_layout(hetero):
   assert not list(out.parent.glob("*.tmp-*"))
 
 
+def test_export_config_is_the_export_without_weights(hetero, tmp_path):
+  arch, params, full = hetero
+  with warnings.catch_warnings():  # width 128 is not a multiple of 256: arch_to_hf warns (expected)
+    warnings.simplefilter("ignore", UserWarning)
+    out = ex.export_config(arch, tmp_path / "cfg", dtype="float32")
+  files = sorted(p.name for p in out.iterdir())
+  assert files == sorted(["config.json", "generation_config.json", *hf_export.FILES])
+  for fname in files:  # byte for byte what `export` writes beside its weights
+    assert (out / fname).read_bytes() == (full / fname).read_bytes(), fname
+  cfg = json.loads((out / "config.json").read_text())
+  assert Arch.from_hf_config(cfg) == arch
+  plain = ex.export_config(llama_arch(), tmp_path / "plain")  # the external-loader check needs no parallel group
+  assert ex.check_nemotron_nas_config(json.loads((plain / "config.json").read_text())) == []
+  assert Arch.from_hf_config(json.loads((plain / "config.json").read_text())) == llama_arch()
+  bare = ex.export_config(llama_arch(), tmp_path / "bare", code=False)  # what benchmarks/data commits
+  assert sorted(p.name for p in bare.iterdir()) == ["config.json", "generation_config.json"]
+  ex.export(arch, params, out, dtype="float32")  # a config-only dir is an earlier export: replaced
+  assert (out / "model.safetensors").exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_hetero_logits_match(hetero, attn):
   arch, params, out = hetero

@@ -196,6 +196,34 @@ def test_cli_measure_quick(child, parent_dir, tmp_path):
   assert ratios["decode_speedup"]["1"] == pytest.approx(want)
 
 
+def test_cli_measure_random_weights_on_config_only_exports(tmp_path, capsys):
+  with warnings.catch_warnings():  # widths off the 256 grid warn about vLLM's ffn_mult
+    warnings.simplefilter("ignore", UserWarning)
+    parent = ex.export_config(parent_arch(), tmp_path / "parent", dtype="float32")
+    child = ex.export_config(hetero_child(), tmp_path / "child", dtype="float32", code=False)  # package code
+  out = tmp_path / "measure.json"
+  harness.main(["measure", "--parent", str(parent), "--child", str(child), "--out", str(out), "--quick",
+                "--random-weights", "--decode-batches", "2,3", "--prefill-grid", "2x8,1x16"])
+  res = json.loads(out.read_text())
+  assert res["harness"]["random_weights"] and res["harness"]["sizes"]["decode_batches"] == [2, 3]
+  for role in ("parent", "child"):
+    r = res[role]
+    assert r["requests"] is None and r["check"] is None and r["model"]["random_weights"]
+    assert [d["batch"] for d in r["decode"]] == [2, 3]
+    assert [(p["batch"], p["prompt_len"]) for p in r["prefill"]] == [(2, 8), (1, 16)]
+  ratios = res["ratios"]
+  assert set(ratios["decode_speedup"]) == {"2", "3"} and set(ratios["prefill_speedup"]) == {"2x8", "1x16"}
+  assert all(finite_positive(v) for v in ratios["decode_speedup"].values())
+  assert "request_speedup" not in ratios and finite_positive(ratios["params_ratio"])
+  assert "random weights" in capsys.readouterr().out  # the table says why req/s is missing
+
+
+def test_cli_rejects_bad_grids():
+  with pytest.raises(SystemExit):
+    harness.parse_args(["measure", "--parent", "p", "--out", "o", "--prefill-grid", "16x"])
+  assert harness.parse_args(["measure", "--parent", "p", "--out", "o"]).decode_batches is None
+
+
 def test_cli_costs_with_whole_model_check(child, tmp_path):
   arch, _, child_dir, _ = child
   out = tmp_path / "costs.json"

@@ -1,0 +1,96 @@
+"""puzzle_jax.kernels (Pallas; interpreted on the CPU) against the plain JAX they replace."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from puzzle_jax import infer, kernels, model
+from puzzle_jax.arch import RopeSpec
+
+RNG = np.random.default_rng(0)
+
+
+def arr(*shape, scale=1.0):
+  return jnp.asarray(RNG.standard_normal(shape) * scale, jnp.float32)
+
+
+def close(a, b, tol=1e-5):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+def test_matmul_norm_residual_swiglu():
+  B, D, N = 3, 96, 160  # D: not a power of two (masked tiles); N: 20 blocks of 8 rows
+  x, g, res = arr(B, D), arr(D), arr(B, N)
+  xn = model.rms_norm({"weight": g}, x, 1e-5)
+  w, w2 = arr(N, D, scale=0.1), arr(2, N, D, scale=0.1)
+  close(kernels.matmul(x, w), x @ w.T)
+  close(kernels.matmul(x, w, norm_D=g, residual_BxN=res), res + xn @ w.T)
+  gu = jnp.einsum("bd,tfd->btf", xn, w2)
+  close(kernels.matmul(x, w2, norm_D=g, swiglu=True), jax.nn.silu(gu[:, 0]) * gu[:, 1])
+
+
+def test_matmul_rejects_bad_shapes():
+  with pytest.raises(ValueError, match="does not match"):
+    kernels.matmul(arr(2, 64), arr(64, 32))
+  with pytest.raises(ValueError, match="power-of-two"):
+    kernels.matmul(arr(2, 64), arr(36, 64))
+
+
+def rope(B, H, pos):
+  inv = jnp.asarray(model.rope_inv_freq(RopeSpec(), H))
+  f = jnp.asarray(pos, jnp.float32)[:, None, None] * inv[None, None, :]
+  emb = jnp.concatenate([f, f], -1)
+  return jnp.cos(emb), jnp.sin(emb)  # [B, 1, H]
+
+
+@pytest.mark.parametrize("S, idx", [(256, 0), (256, 70), (384, 300), (1024, 700)])  # 4, 8 (2 empty), 8 chunks
+def test_decode_attention_and_merge_match_reference(S, idx):
+  """decode_attention (RoPE, slot write, split-K attention) + attn_out (merge, o_proj, residual):
+  same output and cache as infer's XLA path."""
+  B, N, K, H, n, layer, D = 2, 6, 2, 32, 3, 1, 48
+  qkv, kc, vc = arr(B, (N + 2 * K) * H), arr(n, B, K, S, H), arr(n, B, K, S, H)
+  wo, res = arr(D, N * H, scale=0.1), arr(B, D)
+  cos, sin = rope(B, H, [idx // 2, idx])
+  mask = jnp.asarray(RNG.random((B, S)) < 0.7).at[:, idx:].set(True)  # slots >= idx ignored anyway
+  parts, k2, v2 = kernels.decode_attention(qkv, cos[:, 0], sin[:, 0], mask, kc, vc, layer, idx,
+                                           num_heads=N, num_kv_heads=K)
+  assert parts[0].shape == (B, kernels.chunking(S)[1], N * H)
+  q = model.apply_rope(qkv[:, :N * H].reshape(B, 1, N, H), cos, sin)
+  k = model.apply_rope(qkv[:, N * H:(N + K) * H].reshape(B, 1, K, H), cos, sin)
+  kv = infer._write_kv({"k": kc, "v": vc}, layer, k, qkv[:, (N + K) * H:].reshape(B, 1, K, H), idx)
+  seen = mask & (jnp.arange(S) <= idx)[None, :]
+  att = infer._decode_attention(q, kv["k"][layer], kv["v"][layer], seen.at[:, idx].set(True)).reshape(B, N * H)
+  close(kernels.attn_out(parts, wo, res), res + att @ wo.T, tol=2e-5)
+  close(k2, kv["k"])  # the new slot written, every other slot and layer untouched
+  close(v2, kv["v"])
+
+
+def test_decode_attention_rejects_bad_cache():
+  with pytest.raises(ValueError, match="S % 128 == 0"):
+    kernels.decode_attention(arr(1, 4 * 32), arr(1, 32), arr(1, 32), jnp.ones((1, 40), bool),
+                             arr(1, 1, 1, 40, 32), arr(1, 1, 1, 40, 32), 0, 0, num_heads=2, num_kv_heads=1)
+
+
+def test_fused_decode_lowers_to_triton(monkeypatch):
+  """The kernels run interpreted here; lowering the whole fused generate loop for CUDA (no GPU
+  needed) checks what only the GPU would otherwise catch: every op has a Triton lowering."""
+  from puzzle_jax.arch import uniform_arch
+  monkeypatch.setattr(kernels, "_interpret", lambda: False)
+  arch = uniform_arch(vocab_size=256, hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1,
+                      intermediate_size=160, head_dim=64)
+  params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch, jnp.bfloat16))
+  ip = jax.eval_shape(lambda p: infer.prepare(arch, p, jnp.bfloat16, scan=False, decode_impl="pallas"), params)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  lowered = jax.jit(infer._generate, static_argnames=("max_new_tokens", "temperature", "top_p", "stop_tokens")).trace(
+      ip, tokens, None, jax.random.PRNGKey(0), max_new_tokens=4, temperature=0.0, top_p=1.0,
+      stop_tokens=()).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert text.count("__gpu$xla.gpu.triton") >= 2 * 5  # five kernels per layer
+  S_, bf = jax.ShapeDtypeStruct, jnp.bfloat16  # the long-cache (looped chunks) attention too
+  cache = S_((1, 1, 1, 1024, 64), bf)
+  jax.jit(functools.partial(kernels.decode_attention, num_heads=3, num_kv_heads=1)).trace(
+      S_((1, 5 * 64), bf), S_((1, 64), jnp.float32), S_((1, 64), jnp.float32), S_((1, 1024), jnp.int32),
+      cache, cache, 0, S_((), jnp.int32)).lower(lowering_platforms=("cuda",))
