@@ -64,7 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.score.metric = "kl"  # MIP objective: "kl", "lm_loss_delta" or "one_minus_top1".
 
   c.costs = ml_collections.ConfigDict()
-  c.costs.table = ""  # a cost-table JSON from elsewhere (e.g. the H100 PyTorch harness); "" = measure.
+  c.costs.table = ""  # a cost-table JSON from elsewhere (e.g. the H100 PyTorch harness); "" = see backend.
+  c.costs.backend = "measure"  # "measure": time every variant here; "analytic": roofline of FLOPs/bytes.
+  c.costs.peak_tflops = 989.0  # analytic backend: peak FLOP/s / 1e12 (default: H100 SXM dense bf16).
+  c.costs.bandwidth_gbps = 3350.0  # analytic backend: memory bandwidth in GB/s (H100 SXM HBM3).
   c.costs.batch = 4  # scenario: concurrent sequences.
   c.costs.prompt_len = 128  # scenario: prompt tokens.
   c.costs.gen_len = 64  # scenario: generated tokens.

@@ -559,18 +559,24 @@ def analytic_table(arch: Arch, keys: Iterable[str], scenario: Scenario, *, peak_
 
 
 def run(config) -> pathlib.Path:
-  """`python -m puzzle_jax costs`: measure every library variant (or validate a given table)."""
+  """`python -m puzzle_jax costs`: measure every library variant, or a roofline estimate of each
+  (`costs.backend="analytic"`), or validate a given table (`costs.table`)."""
   from puzzle_jax import bld, workdir as W
   paths = W.Paths.from_config(config)
   if W.finished("costs", paths.costs):
     return paths.costs
+  c = config.costs
+  if c.backend not in ("measure", "analytic"):
+    raise ValueError(f"costs.backend must be 'measure' or 'analytic', got {c.backend!r}")
   library = bld.load_library(paths.library)
   keys = sorted({c.key for c in library.candidates})
-  c = config.costs
   scenario = Scenario(batch=c.batch, prompt_len=c.prompt_len, gen_len=c.gen_len, dtype=c.dtype,
                       kv_dtype=c.kv_dtype, repeats=c.repeats)
   if c.table:
     table = load_cost_table(c.table, library.arch, keys)  # from another harness (e.g. PyTorch/H100)
+  elif c.backend == "analytic":
+    table = analytic_table(library.arch, keys, scenario, peak_flops=c.peak_tflops * 1e12,
+                           bandwidth=c.bandwidth_gbps * 1e9)
   else:
     table = cost_table(library.arch, keys, scenario, seed=config.seed)
   save_cost_table(table, paths.costs)

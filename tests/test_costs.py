@@ -3,6 +3,7 @@ JSON round trip and the loader's fix-it errors. No "A is faster than B" on measu
 
 import json
 import math
+import pathlib
 
 import jax
 import pytest
@@ -171,3 +172,13 @@ def test_calibrated_loop_with_copies():
   r = costs.measure_variant(ARCH, "ffn/linear", sc)
   assert r["decode_reps"] > 1 and r["decode_reps"] % 3 == 0
   assert math.isfinite(r["decode_s"]) and r["decode_s"] > 0
+
+
+def test_costs_stage_rejects_unknown_backend(tmp_path):
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
+  import smollm2_135m
+  c = smollm2_135m.get_config("tiny")
+  c.workdir, c.costs.backend = str(tmp_path), "roofline"
+  with pytest.raises(ValueError, match="'measure' or 'analytic'"):
+    costs.run(c)

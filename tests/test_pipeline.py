@@ -21,6 +21,9 @@ def tiny_config(root: pathlib.Path):
   c = smollm2_135m.get_config("tiny")
   c.workdir = str(root)
   c.data.local_dir = str(REPO / "data" / "wikitext2")
+  # A stable cost model: timings on a shared 2-core CI machine vary run to run (the fixed part
+  # measured 3.8 vs 6.6 ms in two runs) and flip the MIP's choice; test_costs covers measuring.
+  c.costs.backend = "analytic"
   return c
 
 
