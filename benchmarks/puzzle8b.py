@@ -12,7 +12,7 @@ costs the PyTorch harness measured on an H100: measured decode speedup at batch 
   python benchmarks/puzzle8b.py select --parent benchmarks/data/llama8b_parent \
       --scores benchmarks/data/llama8b_proxy_scores.json --costs OUT/costs.json --target 1.5 --out OUT
   python -m puzzle_jax.harness measure --parent benchmarks/data/llama8b_parent --child OUT/child \
-      --random-weights --decode-batches 64 --prefill-grid 64x512 --out OUT/measure.json
+      --random-weights --decode-batches 1,64 --prefill-grid 4x1024 --out OUT/measure.json  # gpu_suite.sh k
 
 Quality scores. Random weights have none, so the 8B candidates get SmolLM2-135M's measured
 replace-1-block scores, transferred: 8B layer i takes SmolLM2 layer round(i * 29 / 31); linear and
