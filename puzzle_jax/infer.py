@@ -51,10 +51,11 @@ ATTN_IMPLS = ("auto", "cudnn", "xla")
 DECODE_IMPLS = ("auto", "pallas", "xla")
 CUDNN_HEAD_DIMS = (64, 128)
 CACHE_MULTIPLE = kernels.BLOCK_S  # cache slots are rounded up to this (whole kernel blocks; extra slots stay masked)
-# "auto" decodes with the fused kernels in the latency-bound regime only: up to this many rows, and
-# hidden sizes up to FUSED_MAX_HIDDEN (at Llama-8B shapes XLA's own matrix-vector products already
-# stream weights at ~2.9 TB/s and the kernels measured slower: BENCHMARKS.md).
-FUSED_MAX_BATCH = 4
+# "auto" decodes with the fused kernels where they were measured faster: one row (each row's
+# programs re-read the weights; batches > 1 are untimed on the GPU, so they stay on XLA), hidden
+# sizes up to FUSED_MAX_HIDDEN (at Llama-8B shapes XLA's own matrix-vector products already stream
+# weights at ~2.9 TB/s and the kernels measured slower: BENCHMARKS.md).
+FUSED_MAX_BATCH = 1
 FUSED_MAX_HIDDEN = 2048
 
 
