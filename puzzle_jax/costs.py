@@ -569,7 +569,7 @@ def run(config) -> pathlib.Path:
   if c.backend not in ("measure", "analytic"):
     raise ValueError(f"costs.backend must be 'measure' or 'analytic', got {c.backend!r}")
   library = bld.load_library(paths.library)
-  keys = sorted({c.key for c in library.candidates})
+  keys = sorted(library.keys)
   scenario = Scenario(batch=c.batch, prompt_len=c.prompt_len, gen_len=c.gen_len, dtype=c.dtype,
                       kv_dtype=c.kv_dtype, repeats=c.repeats)
   if c.table:

@@ -114,7 +114,7 @@ def load_problem(config) -> Problem:
   from puzzle_jax import bld, costs, scoring, workdir as W
   paths = W.Paths.from_config(config)
   library = bld.load_library(paths.library)
-  table = costs.load_cost_table(paths.costs, library.arch, sorted({c.key for c in library.candidates}))
+  table = costs.load_cost_table(paths.costs, library.arch, sorted(library.keys))
   return build_problem(library, scoring.load_scores(paths.scores), table, config.score.metric,
                        Targets.from_config(config.mip))
 
