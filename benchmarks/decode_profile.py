@@ -4,7 +4,7 @@ r"""Batch-1 decode: where the time goes, per implementation and XLA flag set.
       --out results/decode_profile.json
 
 One worker process per flag set (XLA reads XLA_FLAGS once, at start-up). Per implementation
-(`infer.prepare(decode_impl=...)`, unrolled layers, bf16, random weights: speed needs shapes, not
+(`infer.prepare(decode_impl=...)`, unrolled layers (stacked runs for "persistent"), bf16, random weights: speed needs shapes, not
 values) it checks the fused path against XLA's (one decode step's logits, greedy tokens), then
 times `infer.generate` as benchmarks/inference.py does (prompt 128, 128 new tokens, whole loop in
 one jit; tok/s = new tokens / wall) plus the marginal cost of a token ((t[129] - t[1]) / 128), and
@@ -71,7 +71,7 @@ def _kernel_stats(trace_dir: str) -> dict[str, Any]:
           "top": [{"name": k, "count": c, "s": s} for k, (c, s) in top]}
 
 
-KNOBS = ("MATMUL_WARPS", "ATTN_WARPS", "MAX_PROGRAMS", "CHUNK_S", "MAX_CHUNKS", "TILE")
+KNOBS = ("MATMUL_WARPS", "ATTN_WARPS", "MAX_PROGRAMS", "CHUNK_S", "MAX_CHUNKS", "TILE", "PERSISTENT_PROGRAMS", "PERSISTENT_WARPS")
 _DEFAULTS: dict[str, Any] = {}
 
 
@@ -92,25 +92,40 @@ def _set_knobs(spec: str) -> str:
   return impl
 
 
-def _f32_check(arch, params, toks, steps: int = 16) -> dict[str, Any]:
-  """Fused kernels vs XLA in float32 on this device: greedy tokens and one step's logits."""
+def _prepare(arch, params, dtype, impl: str):
+  """Persistent kernels take a run of layers stacked (scan layout); the others unrolled layers."""
+  from puzzle_jax import infer
+  return infer.prepare(arch, params, dtype, scan=impl == "persistent", decode_impl=impl)
+
+
+def _timeouts(cache) -> int:
+  """Barrier waits that gave up (persistent kernels): non-zero means wrong results."""
+  from puzzle_jax import kernels
+  return int(sum(int(kernels.sync_timeouts(f)) for f in cache["sync"] if f is not None))
+
+
+def _f32_check(arch, params, toks, impls: list[str], steps: int = 16) -> dict[str, Any]:
+  """Each fused implementation vs XLA in float32 on this device: greedy tokens, one step's logits."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from puzzle_jax import infer
-  try:
-    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-    got = {}
-    for impl in ("xla", "pallas"):
-      ip = infer.prepare(arch, p32, jnp.float32, scan=False, decode_impl=impl)
+  p32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  got, res = {}, {}
+  for impl in ["xla"] + impls:
+    try:
+      ip = _prepare(arch, p32, jnp.float32, impl)
       tokens = np.asarray(infer.generate(ip, toks, max_new_tokens=steps))
       _, cache = infer.prefill_cache(ip, toks, max_len=toks.shape[1] + 8)
-      got[impl] = tokens, np.asarray(infer.decode_step(ip, jnp.asarray(tokens[:, 0]), cache)[0])
-    (ta, la), (tb, lb) = got["xla"], got["pallas"]
-    return {"greedy_equal": bool((ta == tb).all()), "steps": steps,
-            "step_logits_rel_err": float(np.linalg.norm(la - lb) / np.linalg.norm(la))}
-  except Exception as e:
-    return {"error": f"{type(e).__name__}: {str(e)[:1000]}"}
+      logits, cache = infer.decode_step(ip, jnp.asarray(tokens[:, 0]), cache)
+      got[impl] = tokens, np.asarray(logits)
+      if impl != "xla":
+        (ta, la), (tb, lb) = got["xla"], got[impl]
+        res[impl] = {"greedy_equal": bool((ta == tb).all()), "steps": steps, "barrier_timeouts": _timeouts(cache),
+                     "step_logits_rel_err": float(np.linalg.norm(la - lb) / np.linalg.norm(la))}
+    except Exception as e:
+      res[impl] = {"error": f"{type(e).__name__}: {str(e)[:1000]}"}
+  return res
 
 
 def _time(fn, runs: int) -> float:
@@ -128,8 +143,9 @@ def worker(args) -> dict[str, Any]:
   toks = jnp.asarray(np.random.default_rng(3).integers(0, arch.vocab_size, (1, PROMPT), dtype=np.int32))
   out: dict[str, Any] = {"flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind,
                          "weight_bytes": arch.weight_bytes(), "impls": {}}
-  if "pallas" in args.impls:
-    out["f32_check"] = _f32_check(arch, params, toks)
+  fused = sorted({i.split("/")[0] for i in args.impls.split(",")} - {"xla"})
+  if fused:
+    out["f32_check"] = _f32_check(arch, params, toks, fused)
     print("F32 " + json.dumps(out["f32_check"]), flush=True)
   ref = None
   for impl_spec in args.impls.split(","):
@@ -139,13 +155,14 @@ def worker(args) -> dict[str, Any]:
       impl = _set_knobs(impl_spec)
       jax.clear_caches()  # knobs are not part of the jit cache key
       t0 = time.perf_counter()
-      ip = infer.prepare(arch, params, jnp.bfloat16, scan=False, decode_impl=impl)
+      ip = _prepare(arch, params, jnp.bfloat16, impl)
       gen = lambda T: jax.block_until_ready(infer.generate(ip, toks, max_new_tokens=T))
       tokens = np.asarray(gen(NEW))
       row["first_call_s"] = time.perf_counter() - t0
       logits, cache = infer.prefill_cache(ip, toks, max_len=PROMPT + 8)
-      step, _ = infer.decode_step(ip, jnp.asarray(tokens[:, 0]), cache)
+      step, cache = infer.decode_step(ip, jnp.asarray(tokens[:, 0]), cache)
       step = np.asarray(step)
+      row["barrier_timeouts"] = _timeouts(cache)
       if ref is None:
         ref = (impl, tokens, step)
       else:  # agreement with the first implementation (bf16: report, do not require equality)

@@ -113,5 +113,12 @@ case "${1:-}" in
     run timeout 150 python3 benchmarks/decode_profile.py --model child --flags default --impls xla,pallas \
       --timeout 140 --out "$OUT/decode_child.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m"; exit 2 ;;
+  n)  # session 3 (H200): grid-barrier probe, persistent segment kernel vs five kernels vs XLA, phase costs
+    run timeout 200 python3 benchmarks/grid_sync.py --n 120 --d 1024 --modes flags,plain,none --profile \
+      --out "$OUT/h200_grid_sync.json"
+    run timeout 250 python3 benchmarks/decode_profile.py --model smollm2 --impls persistent,pallas,xla --flags default \
+      --profile --timeout 240 --out "$OUT/h200_decode_persistent.json"
+    run timeout 280 python3 benchmarks/segment_profile.py --out "$OUT/h200_segment_profile.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n"; exit 2 ;;
 esac

@@ -24,8 +24,10 @@ Same semantics as `puzzle_jax.model` (the reference: same RoPE, norms, masks, sa
   einsums are batched over (B, K) with contiguous [S, H] per batch, so they read the cache
   directly, and each step writes one [B, K, 1, H] slot with `dynamic_update_slice`. Per step the
   work is one pass over the cache (O(cache length)) plus the weights.
-* Small-batch decode (latency-bound: launches, not bytes, set the speed) runs each block through
-  the five fused kernels of `puzzle_jax.kernels` instead (`decode_impl`), on the same cache.
+* Small-batch decode (latency-bound: launches, not bytes, set the speed) runs on the Pallas
+  kernels of `puzzle_jax.kernels` instead (`decode_impl`), on the same cache: "persistent" runs
+  each run of identical blocks as one kernel (grid barriers between its phases), "pallas" each
+  block as five fused kernels (also the fallback for parallel groups under "persistent").
 
 Axis legend: as in `puzzle_jax.arch` (B batch, L tokens, S cache slots, D hidden, N query heads,
 K kv heads, G = N/K, H head dim, F FFN width, V vocab), plus n = layers in a scanned run,
@@ -48,7 +50,7 @@ from puzzle_jax.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, paral
 Params = dict[str, Any]
 Cache = dict[str, Any]
 ATTN_IMPLS = ("auto", "cudnn", "xla")
-DECODE_IMPLS = ("auto", "pallas", "xla")
+DECODE_IMPLS = ("auto", "persistent", "pallas", "xla")
 CUDNN_HEAD_DIMS = (64, 128)
 CACHE_MULTIPLE = kernels.BLOCK_S  # cache slots are rounded up to this (whole kernel blocks; extra slots stay masked)
 # "auto" decodes with the fused kernels where they were measured faster: one row (each row's
@@ -115,9 +117,12 @@ def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool = True
   """`model` params (HF layout) -> `InferParams`: cast, transposed, fused, runs stacked.
 
   `attn_impl`: "auto" (cuDNN on GPU where it applies, else XLA), "cudnn" or "xla".
-  `decode_impl`: "auto" (the fused Pallas kernels of `puzzle_jax.kernels` on GPU for batches of
-  at most FUSED_MAX_BATCH rows and hidden sizes up to FUSED_MAX_HIDDEN, XLA otherwise), "pallas"
-  (always; interpreted off-GPU, for tests) or "xla". Blocks the kernels do not cover (biases, parallel groups, odd widths) use XLA anyway.
+  `decode_impl`: "auto" ("pallas" on GPU for batches of at most FUSED_MAX_BATCH rows and
+  hidden sizes up to FUSED_MAX_HIDDEN, XLA otherwise), "pallas" (five kernels per block),
+  "persistent" (one Pallas kernel per run of identical blocks, grid barriers between phases; best
+  with `scan=True`, which stacks a run into one segment; measured slower than "pallas" so far),
+  both interpreted off-GPU (tests), or "xla". Blocks the kernels do not cover
+  (biases, odd widths; parallel groups under "persistent") fall back: persistent -> pallas -> XLA.
   """
   if attn_impl not in ATTN_IMPLS:
     raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
@@ -197,6 +202,7 @@ class _Ctx:
   index: jax.Array | None = None  # decode: the cache slot this token is written to
   masks: dict | None = None  # decode: {window: [B, S] keys the token may attend to}
   fused: bool = False  # decode: run blocks through the fused kernels where they apply
+  persistent: bool = False  # decode: run whole segments as persistent kernels where they apply
   kmasks: dict | None = None  # decode, fused: `masks` as int32 (what the attention kernel reads)
 
 
@@ -360,14 +366,42 @@ def _run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx, kv):
   return jax.lax.scan(body, (h_BxLxD, kv), xs)[0]
 
 
-def _stack_apply(ip: InferParams, h_BxLxD, ctx: _Ctx, kvs: tuple | None):
+def _persistent_ok(p: Params, spec: BlockSpec, arch: Arch) -> bool:
+  """Whether `kernels.decode_segment` covers a run of these blocks: no biases, kinds and widths it
+  tiles."""
+  if any(k.startswith("b") for k in p):
+    return False
+  N, H, a, f = arch.num_heads, arch.head_dim, spec.attn, spec.ffn
+  return kernels.segment_supported(a.kind, f.kind, hidden=arch.hidden_size, attn_width=N * H,
+                                   qkv_width=(N + 2 * (a.num_kv_heads or 0)) * H,
+                                   ffn_width=f.intermediate_size or 0, head_dim=H)
+
+
+def _persistent_run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx, kv, flags):
+  """A decode run of identical blocks as one persistent kernel -> (h, kv, barrier flags)."""
+  a, f = ip.arch.blocks[seg.layers[0]].attn, ip.arch.blocks[seg.layers[0]].ffn
+  mask = ctx.kmasks[a.window] if a.kind == "gqa" else None
+  h, kv, flags = kernels.decode_segment(h_BxLxD[:, 0], p, kv, flags, ctx.cos[:, 0], ctx.sin[:, 0], mask,
+                                        ctx.index, attn_kind=a.kind, ffn_kind=f.kind, num_heads=ip.arch.num_heads,
+                                        num_kv_heads=a.num_kv_heads or 0, eps=ip.arch.rms_eps)
+  return h[:, None], kv, flags
+
+
+def _stack_apply(ip: InferParams, h_BxLxD, ctx: _Ctx, kvs: tuple | None, syncs: tuple | None = None):
+  """The blocks, segment by segment -> (h, caches, barrier flags of the persistent kernels)."""
   kvs = kvs if kvs is not None else (None,) * len(ip.plan)
-  new = []
-  for seg, p, kv in zip(ip.plan, ip.blocks, kvs):
-    apply = _parallel if seg.parallel else _run
-    h_BxLxD, kv = apply(p, h_BxLxD, seg, ip, ctx, kv)
+  syncs = syncs if syncs is not None else (None,) * len(ip.plan)
+  new, new_syncs = [], []
+  for seg, p, kv, flags in zip(ip.plan, ip.blocks, kvs, syncs):
+    spec = ip.arch.blocks[seg.layers[0]]
+    if ctx.persistent and flags is not None and not seg.parallel and _persistent_ok(p, spec, ip.arch):
+      h_BxLxD, kv, flags = _persistent_run(p, h_BxLxD, seg, ip, ctx, kv, flags)
+    else:
+      apply = _parallel if seg.parallel else _run
+      h_BxLxD, kv = apply(p, h_BxLxD, seg, ip, ctx, kv)
     new.append(kv)
-  return h_BxLxD, tuple(new)
+    new_syncs.append(flags)
+  return h_BxLxD, tuple(new), tuple(new_syncs)
 
 
 def _logits(ip: InferParams, h_BxLxD) -> jax.Array:
@@ -375,11 +409,13 @@ def _logits(ip: InferParams, h_BxLxD) -> jax.Array:
   return jnp.einsum("bld,vd->blv", h, ip.head_VxD, preferred_element_type=jnp.float32)
 
 
-def _decode_fused(ip: InferParams, batch: int) -> bool:
+def _decode_mode(ip: InferParams, batch: int) -> str:
+  """"persistent", "pallas" or "xla" for a decode step of `batch` rows."""
   if ip.decode_impl != "auto":
-    return ip.decode_impl == "pallas"
-  return (jax.default_backend() == "gpu" and batch <= FUSED_MAX_BATCH
+    return ip.decode_impl
+  fast = (jax.default_backend() == "gpu" and batch <= FUSED_MAX_BATCH
           and ip.arch.hidden_size <= FUSED_MAX_HIDDEN and ip.dtype in (jnp.bfloat16, jnp.float16))
+  return "pallas" if fast else "xla"  # persistent measured slower on the H200 (BENCHMARKS.md)
 
 
 def _attn_impl(ip: InferParams) -> str:
@@ -412,7 +448,7 @@ def _prefill(ip: InferParams, tokens_BxL, mask_BxL, kvs):
     tokens_BxL = jnp.take_along_axis(tokens_BxL, order, axis=1)
   cos, sin = model.rope_cos_sin(ip.arch, jnp.arange(L)[None])  # compacted: positions are 0..L-1
   ctx = _Ctx(cos, sin, decode=False, impl=_attn_impl(ip), unorder_BxL=unorder)
-  h, kvs = _stack_apply(ip, jnp.take(ip.embed_VxD, tokens_BxL, axis=0), ctx, kvs)
+  h, kvs, _ = _stack_apply(ip, jnp.take(ip.embed_VxD, tokens_BxL, axis=0), ctx, kvs)
   return h, kvs, ctx
 
 
@@ -442,7 +478,9 @@ def init_cache(ip: InferParams, batch: int, max_len: int) -> Cache:
 
   layers = tuple(tuple(kv(arch.blocks[i].attn, 1) for i in seg.layers) if seg.parallel
                  else kv(arch.blocks[seg.layers[0]].attn, len(seg.layers)) for seg in ip.plan)
-  return {"layers": layers, "index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, S), bool),
+  # Barrier state of each run's persistent kernel (grows with the decode step; never reset).
+  syncs = tuple(None if seg.parallel else kernels.sync_flags(kernels.persistent_programs()) for seg in ip.plan)
+  return {"layers": layers, "sync": syncs, "index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, S), bool),
           "next_pos": jnp.zeros((batch,), jnp.int32)}
 
 
@@ -456,7 +494,7 @@ def _prefill_cache(ip: InferParams, tokens_BxL, mask_BxL, max_len: int) -> tuple
   last = jnp.maximum(n_real_B - 1, 0)[:, None, None]  # compacted: the last real token is at n - 1
   logits_BxV = _logits(ip, jnp.take_along_axis(h, last, axis=1))[:, 0]
   valid = jax.lax.dynamic_update_slice(cache["valid"], mask, (0, 0))
-  return logits_BxV, {"layers": kvs, "index": jnp.asarray(L, jnp.int32), "valid": valid,
+  return logits_BxV, {"layers": kvs, "sync": cache["sync"], "index": jnp.asarray(L, jnp.int32), "valid": valid,
                       "next_pos": n_real_B}
 
 
@@ -468,11 +506,14 @@ def _decode_step(ip: InferParams, tok_B, cache: Cache) -> tuple[jax.Array, Cache
   windows = {b.attn.window for b in ip.arch.blocks if b.attn.has_cache}
   masks = {w: valid if w is None else valid & (idx - slots_S < w)[None, :] for w in windows}
   cos, sin = model.rope_cos_sin(ip.arch, pos_B[:, None])
-  fused = _decode_fused(ip, tok_B.shape[0])
+  mode = _decode_mode(ip, tok_B.shape[0])
+  fused = mode != "xla"
   kmasks = {w: m.astype(jnp.int32) for w, m in masks.items()} if fused else None
-  ctx = _Ctx(cos, sin, decode=True, index=idx, masks=masks, fused=fused, kmasks=kmasks)
-  h, kvs = _stack_apply(ip, jnp.take(ip.embed_VxD, tok_B[:, None], axis=0), ctx, cache["layers"])
-  new = {"layers": kvs, "index": idx + 1, "valid": valid, "next_pos": pos_B + 1}
+  ctx = _Ctx(cos, sin, decode=True, index=idx, masks=masks, fused=fused, persistent=mode == "persistent",
+             kmasks=kmasks)
+  h, kvs, syncs = _stack_apply(ip, jnp.take(ip.embed_VxD, tok_B[:, None], axis=0), ctx, cache["layers"],
+                               cache["sync"])
+  new = {"layers": kvs, "sync": syncs, "index": idx + 1, "valid": valid, "next_pos": pos_B + 1}
   return _logits(ip, h)[:, 0], new
 
 

@@ -175,7 +175,8 @@ def test_kv_cache_holds_attention_layers_only(hetero):
   m = load_hf(out)
   tokens, _, _ = batches()
   with torch.no_grad():
-    cache = m(torch.tensor(tokens), use_cache=True).past_key_values
+    out = m(torch.tensor(tokens), use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
   for i, b in enumerate(arch.blocks):
     layer = cache.layers[i]
     if b.attn.kind == "gqa":

@@ -130,14 +130,14 @@ def fused_arch() -> Arch:
   return dataclasses.replace(hetero_arch(), hidden_size=64, head_dim=32)
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_fused_decode_kernels_match(batch, scan):
-  """decode_impl="pallas" (interpreted here): incremental decoding of a left-padded batch equals
-  one full forward, and greedy tokens equal the XLA decode's."""
+@pytest.mark.parametrize("impl,scan", [("pallas", True), ("pallas", False), ("persistent", True)])
+def test_fused_decode_kernels_match(batch, impl, scan):
+  """decode_impl="pallas" / "persistent" (interpreted here): incremental decoding of a left-padded
+  batch equals one full forward, and greedy tokens equal the XLA decode's."""
   arch = fused_arch()
   params = model.init_params(jax.random.PRNGKey(0), arch)
   tokens, mask = batch
-  fused = infer.prepare(arch, params, jnp.float32, scan=scan, decode_impl="pallas")
+  fused = infer.prepare(arch, params, jnp.float32, scan=scan, decode_impl=impl)
   full = np.asarray(infer.prefill_logits(fused, tokens, mask))
   logits, cache = infer.prefill_cache(fused, tokens[:, :7], mask[:, :7], max_len=12)
   for t in range(7, 12):
@@ -184,9 +184,10 @@ def test_decode_profile_cpu_mode_agrees(tmp_path):
   float32 greedy tokens as XLA, and every implementation and knob setting gets timed."""
   from benchmarks import decode_profile
   res = decode_profile.main(["--model", "tiny", "--flags", "default", "--runs", "1",
-                             "--impls", "xla,pallas/MATMUL_WARPS=4", "--out", str(tmp_path / "p.json")])
+                             "--impls", "xla,pallas/MATMUL_WARPS=4,persistent", "--out", str(tmp_path / "p.json")])
   run = res["runs"]["default"]
-  assert run["f32_check"]["greedy_equal"], run["f32_check"]
-  assert run["f32_check"]["step_logits_rel_err"] < 1e-4
+  for impl in ("pallas", "persistent"):
+    check = run["f32_check"][impl]
+    assert check["greedy_equal"] and check["step_logits_rel_err"] < 1e-4 and check["barrier_timeouts"] == 0, check
   assert all(r["tok_s"] > 0 and "error" not in r for r in run["impls"].values()), run["impls"]
-  assert run["impls"]["pallas/MATMUL_WARPS=4"]["step_top1_equal"]
+  assert run["impls"]["pallas/MATMUL_WARPS=4"]["step_top1_equal"] and run["impls"]["persistent"]["step_top1_equal"]

@@ -1,5 +1,6 @@
 """puzzle_jax.kernels (Pallas; interpreted on the CPU) against the plain JAX they replace."""
 
+import dataclasses
 import functools
 
 import jax
@@ -94,3 +95,49 @@ def test_fused_decode_lowers_to_triton(monkeypatch):
   jax.jit(functools.partial(kernels.decode_attention, num_heads=3, num_kv_heads=1)).trace(
       S_((1, 5 * 64), bf), S_((1, 64), jnp.float32), S_((1, 64), jnp.float32), S_((1, 1024), jnp.int32),
       cache, cache, 0, S_((), jnp.int32)).lower(lowering_platforms=("cuda",))
+
+
+def test_persistent_decode_lowers_to_triton(monkeypatch):
+  """The persistent segment kernel with one program per SM of an H100/H200 (132; barriers, atomics
+  and volatile loads only exist there) lowers to Triton for CUDA: one kernel per run of blocks."""
+  from puzzle_jax.arch import AttnSpec, BlockSpec, FFNSpec, uniform_arch
+  monkeypatch.setattr(kernels, "_interpret", lambda: False)
+  monkeypatch.setattr(kernels, "PERSISTENT_PROGRAMS", 132)
+  arch = uniform_arch(vocab_size=256, hidden_size=96, num_layers=4, num_heads=3, num_kv_heads=1,
+                      intermediate_size=160, head_dim=64)
+  blocks = list(arch.blocks)
+  blocks[2] = BlockSpec(AttnSpec("linear"), FFNSpec("linear"))
+  blocks[3] = BlockSpec(AttnSpec("noop"), blocks[3].ffn)
+  arch = dataclasses.replace(arch, blocks=tuple(blocks))
+  params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch, jnp.bfloat16))
+  ip = jax.eval_shape(lambda p: infer.prepare(arch, p, jnp.bfloat16, scan=True, decode_impl="persistent"), params)
+  lowered = jax.jit(infer._generate, static_argnames=("max_new_tokens", "temperature", "top_p", "stop_tokens")).trace(
+      ip, jax.ShapeDtypeStruct((1, 8), jnp.int32), None, jax.random.PRNGKey(0), max_new_tokens=4, temperature=0.0,
+      top_p=1.0, stop_tokens=()).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3  # segments: 2 gqa/swiglu, linear/linear, noop/swiglu
+
+
+def test_col_block_never_slices_past_the_row():
+  """A tile width that does not divide D falls back to one masked power-of-two tile."""
+  for d in (64, 576, 1536, 4096, 5120):
+    for bn in (8, 16, 32, 64):
+      bd = kernels._col_block(d, bn)
+      assert bd & (bd - 1) == 0 and (d % bd == 0 or bd >= d), (d, bn, bd)
+
+
+def test_grid_sync_benchmark_cpu_mode():
+  """benchmarks/grid_sync.py off-GPU (one program, no barriers): every chain it times agrees with
+  the NumPy reference chain."""
+  from benchmarks import grid_sync
+  res = grid_sync.main(["--n", "3", "--d", "128", "--runs", "1", "--modes", "flags"])
+  assert res["programs"] == 1 and res["timeouts"] == 0
+  assert all(v["ok"] and v["call_s"] > 0 for v in res["variants"].values()), res["variants"]
+
+
+def test_segment_profile_benchmark_cpu_mode():
+  """benchmarks/segment_profile.py off-GPU at tiny shapes: each variant runs and is timed."""
+  from benchmarks import segment_profile
+  res = segment_profile.main(["--layers", "2", "--shape", "64,2,1,32,128,128", "--reps", "1", "--runs", "1",
+                              "--variants", "full,barriers only"])
+  assert all("error" not in r and r["us_per_call"] > 0 and r["barrier_timeouts"] == 0
+             for r in res["rows"].values()), res["rows"]
