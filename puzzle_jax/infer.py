@@ -367,14 +367,9 @@ def _run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx, kv):
 
 
 def _persistent_ok(p: Params, spec: BlockSpec, arch: Arch) -> bool:
-  """Whether `kernels.decode_segment` covers a run of these blocks: no biases, kinds and widths it
-  tiles."""
-  if any(k.startswith("b") for k in p):
-    return False
-  N, H, a, f = arch.num_heads, arch.head_dim, spec.attn, spec.ffn
-  return kernels.segment_supported(a.kind, f.kind, hidden=arch.hidden_size, attn_width=N * H,
-                                   qkv_width=(N + 2 * (a.num_kv_heads or 0)) * H,
-                                   ffn_width=f.intermediate_size or 0, head_dim=H)
+  """Whether `kernels.decode_segment` covers a run of these blocks: what the five kernels cover
+  (same phases), with at least one sub-block (an all-no-op block needs no kernel)."""
+  return _fusable(p, spec, arch) and (spec.attn.kind, spec.ffn.kind) != ("noop", "noop")
 
 
 def _persistent_run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx, kv, flags):

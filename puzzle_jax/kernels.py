@@ -66,13 +66,15 @@ def _compiler_params(num_warps: int):
   return plt.CompilerParams(num_warps=num_warps, num_stages=2)
 
 
-def _load(ref, idx: tuple, mask=None, other: float = 0.0):
+def _load(ref, idx: tuple, mask=None, other: float = 0.0, *, l2: bool = False):
   """ref[idx], possibly past the end where `mask` is False (reads `other` there); one indexer
-  only: Triton lowering takes no chained `.at`."""
-  if mask is None:
+  only: Triton lowering takes no chained `.at`. `l2`: a volatile load past the L1 cache, for data
+  other programs wrote earlier in the same (persistent) kernel; plain in the interpreter."""
+  l2 = l2 and not _interpret()
+  if mask is None and not l2:
     return ref[idx]
   from jax.experimental.pallas import triton as plt
-  return plt.load(ref.at[idx], mask=mask, other=other)
+  return plt.load(ref.at[idx], mask=mask, other=None if mask is None else other, volatile=l2)
 
 
 def _row_block(n: int, max_programs: int) -> int:
@@ -111,8 +113,8 @@ def _round(x, dt):
 # barrier, so every thread's stores precede the atomic's release); waiting is a spin on volatile
 # (L1-bypassing) loads of all flags until their minimum reaches e. Data written inside the kernel
 # is then read with volatile loads too (from L2; an SM's L1 may hold stale lines; Pallas' `.cg`
-# cache modifier does not lower in jax 0.10). Epochs only grow over
-# the flags' lifetime (callers derive them from the decode step), so the flags need no reset.
+# cache modifier does not lower in jax 0.10). Epochs only grow over the flags' lifetime (callers
+# derive them from the decode step), so the flags need no reset.
 # A wait that spins past MAX_SPIN polls (a program that is not resident would otherwise hang the
 # GPU) gives up and counts itself in flags[P]: results are then wrong and `sync_timeouts` says so.
 MAX_SPIN = 1 << 14
@@ -151,12 +153,7 @@ def _wait(flags_ref, programs: int, epoch) -> None:
     plt.atomic_add(flags_ref, (programs,), 1)
 
 
-def _load_l2(ref, idx: tuple, mask=None, other: float = 0.0):
-  """ref[idx] past the L1 cache: for data other programs wrote earlier in the same kernel."""
-  if _interpret():
-    return _load(ref, idx, mask, other)
-  from jax.experimental.pallas import triton as plt
-  return plt.load(ref.at[idx], mask=mask, other=None if mask is None else other, volatile=True)
+_load_l2 = functools.partial(_load, l2=True)
 
 
 # ----------------------------------------------------------------------------- matmul
@@ -356,7 +353,7 @@ def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, active
       ref[layer, b, kh, idx, pl.ds(0, half)] = lo.astype(ref.dtype)
       ref[layer, b, kh, idx, pl.ds(half, half)] = hi.astype(ref.dtype)
 
-  pl.when((n % G == 0) & (c == 0) & (True if active is True else active))(write_kv)
+  pl.when((n % G == 0) & (c == 0) & active)(write_kv)
   scale = H ** -0.5
 
   def attend(blk, carry):  # online softmax over one block of cached slots
@@ -605,16 +602,6 @@ def _mv_phase(programs: int, batch: int, **kw) -> _Matvec:
   return _Matvec(bn=bn, bd=_col_block(kw["d"], bn), **kw)
 
 
-def segment_supported(attn_kind: str, ffn_kind: str, *, hidden: int, attn_width: int, qkv_width: int,
-                      ffn_width: int, head_dim: int) -> bool:
-  """Whether `decode_segment` runs a block of these kinds and widths."""
-  ok_a = {"noop": True, "linear": supported(hidden, hidden),
-          "gqa": supported(hidden, qkv_width) and supported(attn_width, hidden) and head_dim_ok(head_dim)}
-  ok_f = {"noop": True, "linear": supported(hidden, hidden),
-          "swiglu": supported(hidden, ffn_width) and supported(ffn_width, hidden)}
-  return ok_a.get(attn_kind, False) and ok_f.get(ffn_kind, False) and (attn_kind, ffn_kind) != ("noop", "noop")
-
-
 def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array, cos_BxH: jax.Array,
                    sin_BxH: jax.Array, mask_BxS: jax.Array | None, index, *, attn_kind: str, ffn_kind: str,
                    num_heads: int, num_kv_heads: int = 0, eps: float = 1e-5
@@ -628,6 +615,8 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
   (`sync_flags(persistent_programs())`, kept across steps; epochs derive from `index`, which must
   grow by one per call). Same results as n calls of the five-kernel block.
   """
+  if attn_kind not in ("gqa", "linear", "noop") or ffn_kind not in ("swiglu", "linear", "noop"):
+    raise ValueError(f"decode_segment: no phases for attention {attn_kind!r} / FFN {ffn_kind!r}")
   B, D = h_BxD.shape
   n = next(iter(p.values())).shape[0]
   programs = flags.shape[0] - 1
