@@ -4,8 +4,9 @@ r"""Batch-1 decode: where the time goes, per implementation and XLA flag set.
       --out results/decode_profile.json
 
 One worker process per flag set (XLA reads XLA_FLAGS once, at start-up). Per implementation
-(`infer.prepare(decode_impl=...)`, unrolled layers (stacked runs for "persistent"), bf16, random weights: speed needs shapes, not
-values) it checks the fused path against XLA's (one decode step's logits, greedy tokens), then
+(`infer.prepare(decode_impl=...)`, unrolled layers (stacked runs for "persistent"), bf16, random
+weights: speed needs shapes, not values) it checks the fused path against XLA's (one decode step's
+logits, greedy tokens), then
 times `infer.generate` as benchmarks/inference.py does (prompt 128, 128 new tokens, whole loop in
 one jit; tok/s = new tokens / wall) plus the marginal cost of a token ((t[129] - t[1]) / 128), and
 profiles one run: GPU kernels per token and the busy fraction of the step.
@@ -71,7 +72,8 @@ def _kernel_stats(trace_dir: str) -> dict[str, Any]:
           "top": [{"name": k, "count": c, "s": s} for k, (c, s) in top]}
 
 
-KNOBS = ("MATMUL_WARPS", "ATTN_WARPS", "MAX_PROGRAMS", "CHUNK_S", "MAX_CHUNKS", "TILE", "PERSISTENT_PROGRAMS", "PERSISTENT_WARPS")
+KNOBS = ("MATMUL_WARPS", "ATTN_WARPS", "MAX_PROGRAMS", "CHUNK_S", "MAX_CHUNKS", "TILE", "PERSISTENT_PROGRAMS",
+         "PERSISTENT_WARPS")
 _DEFAULTS: dict[str, Any] = {}
 
 
