@@ -73,7 +73,7 @@ def _kernel_stats(trace_dir: str) -> dict[str, Any]:
 
 
 KNOBS = ("MATMUL_WARPS", "ATTN_WARPS", "MAX_PROGRAMS", "CHUNK_S", "MAX_CHUNKS", "TILE", "PERSISTENT_PROGRAMS",
-         "PERSISTENT_WARPS")
+         "PERSISTENT_WARPS", "PERSISTENT_ATTN_BLOCK", "BARRIER", "PERSISTENT_FFN_ROWS")
 _DEFAULTS: dict[str, Any] = {}
 
 
@@ -90,7 +90,7 @@ def _set_knobs(spec: str) -> str:
     name, value = kv.split("=")
     if name not in KNOBS:
       raise ValueError(f"puzzle_jax.kernels has no knob {name!r}")
-    setattr(kernels, name, int(value))
+    setattr(kernels, name, int(value) if value.isdigit() else value)
   return impl
 
 

@@ -120,5 +120,23 @@ case "${1:-}" in
       --profile --timeout 240 --out "$OUT/h200_decode_persistent.json"
     run timeout 280 python3 benchmarks/segment_profile.py --out "$OUT/h200_segment_profile.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n"; exit 2 ;;
+  o)  # session 4 (H200): three-phase persistent kernel (atomic split-K residual) vs five kernels vs XLA
+    run timeout 150 python3 benchmarks/grid_sync.py --n 120 --d 1024 --modes counter,flags --profile \
+      --out "$OUT/h200_grid_sync_counter.json"
+    run timeout 300 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 290 \
+      --impls persistent,persistent/BARRIER=flags,persistent/PERSISTENT_WARPS=8,pallas,xla \
+      --out "$OUT/h200_decode_persistent3.json"
+    run timeout 200 python3 benchmarks/segment_profile.py --out "$OUT/h200_segment_profile3.json"
+    ;;
+  p)  # session 4: phase costs of the three-phase kernel under knobs (FFN rows/tiles, warps, programs)
+    run timeout 240 python3 benchmarks/segment_profile.py --out "$OUT/h200_segment_profile4.json"
+    ;;
+  q)  # session 4: end to end, one program per SM vs two / three, five kernels, XLA (profiled)
+    run timeout 120 python3 benchmarks/segment_profile.py --out "$OUT/h200_segment_programs.json" \
+      --variants "full,full 264 programs,full 264 programs 8 warps,full 396 programs,ffn only,ffn only 264 programs,attention+o_proj only,attention+o_proj only 264 programs,barriers only"
+    run timeout 280 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 270 \
+      --impls persistent,persistent/PERSISTENT_PROGRAMS=264,persistent/PERSISTENT_PROGRAMS=396,pallas,xla \
+      --out "$OUT/h200_decode_persistent_final.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q"; exit 2 ;;
 esac

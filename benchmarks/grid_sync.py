@@ -32,22 +32,6 @@ from puzzle_jax import kernels  # noqa: E402
 F32 = jnp.float32
 
 
-def _counter_arrive(flags_ref, programs: int):
-  from jax.experimental.pallas import triton as plt
-  plt.debug_barrier()
-  plt.atomic_add(flags_ref, (programs + 1,), 1)
-
-
-def _counter_wait(flags_ref, programs: int, epoch):
-  from jax.experimental.pallas import triton as plt
-
-  def passed():
-    return plt.load(flags_ref.at[programs + 1], volatile=True) >= epoch * programs
-
-  jax.lax.while_loop(lambda c: ~c[0] & (c[1] < kernels.MAX_SPIN), lambda c: (passed(), c[1] + 1),
-                     (passed(), jnp.int32(0)))
-
-
 def _chain_kernel(meta_ref, w_ref, buf_in, flags_in, buf_ref, flags_ref, *, n: int, d: int, bn: int,
                   programs: int, prefetch: bool, mode: str):
   del buf_in, flags_in  # aliased to buf_ref / flags_ref
@@ -70,23 +54,25 @@ def _chain_kernel(meta_ref, w_ref, buf_in, flags_in, buf_ref, flags_ref, *, n: i
       buf_ref[1 - src, rows] = y.astype(buf_ref.dtype)
 
     sync = programs > 1 and mode not in ("none", "plain")
-    if sync and mode == "counter":
-      _counter_arrive(flags_ref, programs)
-    elif sync:
-      kernels._arrive(flags_ref, p, base + k + 1)
+    epoch = (k + 1) if counter is not None else base + k + 1
+    if sync:
+      kernels._arrive(flags_ref, p, epoch, counter)
     w = fetch(jnp.minimum(k + 1, n - 1)) if prefetch else w
-    if sync and mode == "counter":
-      _counter_wait(flags_ref, programs, base + k + 1)
-    elif sync and mode == "flags":
-      kernels._wait(flags_ref, programs, base + k + 1)
+    if sync and mode in ("flags", "counter"):
+      kernels._wait(flags_ref, programs, epoch, counter)
     return w
 
+  # Mode "counter": calls alternate between counters 0 and 1 (by the parity of `base` / n, the
+  # call's number), and zero the other one for the next call, as kernels.decode_segment does.
+  counter = jax.lax.rem(jax.lax.div(base, n), 2) if mode == "counter" else None
+  if counter is not None and programs > 1:
+    pl.when(p == 0)(lambda: flags_ref.__setitem__(1 - counter, jnp.int32(0)))
   jax.lax.fori_loop(0, n, body, fetch(0) if prefetch else jnp.zeros((bn, d), F32))
 
 
 @functools.partial(jax.jit, static_argnames=("programs", "prefetch", "mode"), donate_argnums=(1, 2))
 def persistent(w_nxDxD, buf_2xD, flags, base, *, programs: int, prefetch: bool, mode: str = "flags"):
-  """mode: "flags" (kernels._arrive/_wait), "counter" (one atomic counter), "arrive" (no wait:
+  """mode: "flags" / "counter" (kernels' barriers of that kind), "arrive" (no wait:
   wrong results, timing only), "none" (no barrier: timing only), "plain" (as "none", x read
   through L1)."""
   n, d, _ = w_nxDxD.shape
@@ -157,14 +143,14 @@ def main(argv=None) -> dict:
   x = jax.random.normal(kx, (args.d,), F32).astype(jnp.bfloat16)
   ref = reference(w, x)
   res = {"device": str(dev.device_kind), "n": args.n, "d": args.d, "programs": programs, "variants": {}}
-  state = {"flags": jnp.zeros((programs + 2,), jnp.int32), "base": 0}  # + the counter of mode "counter"
+  state = {m: {"flags": kernels.sync_flags(programs), "calls": 0} for m in args.modes.split(",")}
 
-  def run_persistent(prefetch, mode):
+  def run_persistent(prefetch, mode):  # barrier state per mode: epochs (counter parity) follow its calls
     buf = jnp.stack([x, jnp.zeros_like(x)])
-    b = state["base"]
-    state["base"] += args.n
-    buf, state["flags"] = persistent(w, buf, state["flags"], jnp.int32(b), programs=programs,
-                                     prefetch=prefetch, mode=mode)
+    st = state[mode]
+    buf, st["flags"] = persistent(w, buf, st["flags"], jnp.int32(st["calls"] * args.n), programs=programs,
+                                  prefetch=prefetch, mode=mode)
+    st["calls"] += 1
     return buf[args.n % 2]
 
   variants = {f"persistent_{m}" + ("_prefetch" if pf else ""): functools.partial(run_persistent, pf, m)
@@ -185,9 +171,8 @@ def main(argv=None) -> dict:
     res["variants"][name] = r
     print(f"{name:22s} err {err:.1e}  " + (f"{r['us_per_product']:.2f} us/product" if "call_s" in r else "MISMATCH"),
           flush=True)
-  fl = np.asarray(state["flags"])
-  res["timeouts"], res["counter"], res["calls"] = int(fl[programs]), int(fl[programs + 1]), state["base"] // args.n
-  print(f"barrier timeouts {res['timeouts']}; counter {res['counter']} (mode counter: {programs} per barrier)")
+  res["timeouts"] = {m: int(st["flags"][-1]) for m, st in state.items()}
+  print(f"barrier timeouts {res['timeouts']}")
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(res, indent=1))
   return res

@@ -23,20 +23,19 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from puzzle_jax import kernels  # noqa: E402
 
-VARIANTS = {  # name -> (skipped phase positions, knob settings)
+VARIANTS = {  # name -> (skipped phase positions, knob settings); phases: qkv, attention+o_proj, FFN
     "full": ((), {}),
-    "barriers only": ((0, 1, 2, 3, 4), {}),
-    "qkv only": ((1, 2, 3, 4), {}),
-    "attention only": ((0, 2, 3, 4), {}),
-    "o_proj only": ((0, 1, 3, 4), {}),
-    "gate/up only": ((0, 1, 2, 4), {}),
-    "down only": ((0, 1, 2, 3), {}),
+    "barriers only": ((0, 1, 2), {}),
+    "qkv only": ((1, 2), {}),
+    "attention+o_proj only": ((0, 2), {}),
+    "ffn only": ((0, 1), {}),
+    "ffn 8 rows": ((0, 1), {"PERSISTENT_FFN_ROWS": 8}),
     "full 8 warps": ((), {"PERSISTENT_WARPS": 8}),
-    "full 66 programs": ((), {"PERSISTENT_PROGRAMS": 66}),
-    "full 128-slot chunks": ((), {"CHUNK_S": 128}),
-    "full 256-slot chunks": ((), {"CHUNK_S": 256}),
-    "attention only 256-slot chunks": ((0, 2, 3, 4), {"CHUNK_S": 256}),
-    "o_proj only 256-slot chunks": ((0, 1, 3, 4), {"CHUNK_S": 256}),
+    "full 264 programs": ((), {"PERSISTENT_PROGRAMS": 264}),
+    "full 264 programs 8 warps": ((), {"PERSISTENT_PROGRAMS": 264, "PERSISTENT_WARPS": 8}),
+    "full 396 programs": ((), {"PERSISTENT_PROGRAMS": 396}),
+    "ffn only 264 programs": ((0, 1), {"PERSISTENT_PROGRAMS": 264}),
+    "attention+o_proj only 264 programs": ((0, 2), {"PERSISTENT_PROGRAMS": 264}),
 }
 
 
@@ -56,13 +55,14 @@ def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--layers", type=int, default=30)
   ap.add_argument("--shape", default="576,9,3,64,1536,256", help="D,N,K,H,F,S")
+  ap.add_argument("--idx", type=int, default=0, help="cache slots in use (0: S / 2)")
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--out", default="")
   args = ap.parse_args(argv)
   D, N, K, H, F, S = map(int, args.shape.split(","))
-  idx = S // 2
+  idx = args.idx or S // 2
   p, kv, h, cos, sin, mask = inputs(args.layers, D, N, K, H, F, S, idx)
   res = {"device": jax.devices()[0].device_kind, "layers": args.layers, "shape": args.shape, "rows": {}}
   for name in args.variants.split(","):

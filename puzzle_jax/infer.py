@@ -120,7 +120,8 @@ def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool = True
   `decode_impl`: "auto" ("pallas" on GPU for batches of at most FUSED_MAX_BATCH rows and
   hidden sizes up to FUSED_MAX_HIDDEN, XLA otherwise), "pallas" (five kernels per block),
   "persistent" (one Pallas kernel per run of identical blocks, grid barriers between phases; best
-  with `scan=True`, which stacks a run into one segment; measured slower than "pallas" so far),
+  with `scan=True`, which stacks a run into one segment; measured no faster than "pallas" so far;
+  `generate` raises if one of its barrier waits timed out),
   both interpreted off-GPU (tests), or "xla". Blocks the kernels do not cover
   (biases, odd widths; parallel groups under "persistent") fall back: persistent -> pallas -> XLA.
   """
@@ -410,7 +411,7 @@ def _decode_mode(ip: InferParams, batch: int) -> str:
     return ip.decode_impl
   fast = (jax.default_backend() == "gpu" and batch <= FUSED_MAX_BATCH
           and ip.arch.hidden_size <= FUSED_MAX_HIDDEN and ip.dtype in (jnp.bfloat16, jnp.float16))
-  return "pallas" if fast else "xla"  # persistent measured slower on the H200 (BENCHMARKS.md)
+  return "pallas" if fast else "xla"  # persistent: no faster on the H200 (468-525 vs 478 us; BENCHMARKS.md)
 
 
 def _attn_impl(ip: InferParams) -> str:
@@ -473,7 +474,7 @@ def init_cache(ip: InferParams, batch: int, max_len: int) -> Cache:
 
   layers = tuple(tuple(kv(arch.blocks[i].attn, 1) for i in seg.layers) if seg.parallel
                  else kv(arch.blocks[seg.layers[0]].attn, len(seg.layers)) for seg in ip.plan)
-  # Barrier state of each run's persistent kernel (grows with the decode step; never reset).
+  # Barrier state of each run's persistent kernel (epochs / counter parity follow the decode step).
   syncs = tuple(None if seg.parallel else kernels.sync_flags(kernels.persistent_programs()) for seg in ip.plan)
   return {"layers": layers, "sync": syncs, "index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, S), bool),
           "next_pos": jnp.zeros((batch,), jnp.int32)}
@@ -529,7 +530,8 @@ def decode_step(ip: InferParams, tok_B: jax.Array, cache: Cache) -> tuple[jax.Ar
 # ----------------------------------------------------------------------------- generate
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_p", "stop_tokens"))
 def _generate(ip: InferParams, tokens_BxL, mask_BxL, key, *, max_new_tokens: int, temperature: float,
-              top_p: float, stop_tokens: tuple[int, ...]) -> jax.Array:
+              top_p: float, stop_tokens: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """-> (new tokens, grid-barrier waits of persistent kernels that timed out: non-zero = wrong)."""
   B, L = tokens_BxL.shape
   T = max_new_tokens
   logits_BxV, cache = _prefill_cache(ip, tokens_BxL, mask_BxL, L + T)
@@ -555,9 +557,10 @@ def _generate(ip: InferParams, tokens_BxL, mask_BxL, key, *, max_new_tokens: int
                                    lambda c: (c[0] + 1, *step(c[0], c[1:])), (jnp.int32(0), *carry))
   else:  # a static trip count
     t, carry = T - 1, jax.lax.fori_loop(0, T - 1, step, carry)
-  logits_BxV, _, done_B, out_BxT = carry
+  logits_BxV, cache, done_B, out_BxT = carry
   tok_B, _ = sample(T - 1, logits_BxV, done_B)
-  return out_BxT.at[:, T - 1].set(jnp.where(t == T - 1, tok_B, out_BxT[:, T - 1]))
+  timeouts = sum((kernels.sync_timeouts(f) for f in cache["sync"] if f is not None), jnp.int32(0))
+  return out_BxT.at[:, T - 1].set(jnp.where(t == T - 1, tok_B, out_BxT[:, T - 1])), timeouts
 
 
 def generate(ip: InferParams, tokens_BxL, mask_BxL=None, *, max_new_tokens: int,
@@ -575,6 +578,12 @@ def generate(ip: InferParams, tokens_BxL, mask_BxL=None, *, max_new_tokens: int,
   tokens = jnp.asarray(tokens_BxL, jnp.int32)
   mask = None if mask_BxL is None else jnp.asarray(mask_BxL, bool)
   key = jax.random.PRNGKey(0) if key is None else key
-  return _generate(ip, tokens, mask, key, max_new_tokens=int(max_new_tokens),
-                   temperature=float(temperature), top_p=float(top_p),
-                   stop_tokens=tuple(int(t) for t in stop_tokens))
+  out, timeouts = _generate(ip, tokens, mask, key, max_new_tokens=int(max_new_tokens),
+                            temperature=float(temperature), top_p=float(top_p),
+                            stop_tokens=tuple(int(t) for t in stop_tokens))
+  if ip.decode_impl == "persistent" and int(timeouts):  # a host read only where barriers exist
+    raise RuntimeError(
+        f"generate: {int(timeouts)} grid-barrier waits of the persistent decode kernel timed out, so these "
+        "tokens are wrong: not all of its programs were resident on the GPU at once (kernels.PERSISTENT_PROGRAMS "
+        "above what fits, or other work holding SMs). Use decode_impl='pallas', or lower PERSISTENT_PROGRAMS.")
+  return out

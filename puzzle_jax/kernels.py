@@ -23,10 +23,13 @@ extra kernel. Numerics follow `puzzle_jax.model` (float32 accumulation, projecti
 activation dtype before the residual add and before SiLU) except that the normalized activations
 and softmax weights are not rounded to bf16 before their products (exact in float32).
 
-`decode_segment` runs the same phases for a whole run of identical layers in one persistent
-kernel (one program per SM, grid barriers between phases, next-phase weights loaded while
-waiting). It is correct on the GPU but measured slower than the five kernels on an H200
-(503 vs 480 us per SmolLM2 token: ~1.2 us per barrier, and latency-bound merge/attention phases),
+`decode_segment` runs a whole run of identical layers in one persistent kernel (one program per
+SM, grid barriers instead of kernel boundaries, next-phase weights loaded while waiting) with
+three phases per gqa + SwiGLU layer instead of five: attention and the output projection are
+one phase (each item attends over the whole cache for one head, then adds its head's share of
+o_proj), and so are gate/up and down (each item adds its FFN rows' share of down); the shares
+are summed by relaxed float32 atomics into a float32 residual. It is correct on the GPU and at
+parity with the five kernels on an H200 (468-525 vs 477-481 us per SmolLM2 token, run to run),
 so `infer` uses it only when asked (`decode_impl="persistent"`); see BENCHMARKS.md.
 
 Axis legend as in `puzzle_jax.infer`: B rows, D hidden, N output width (matmul) or query heads
@@ -109,19 +112,25 @@ def _round(x, dt):
 
 # ----------------------------------------------------------------------------- grid barrier
 # A persistent kernel (one program per SM, all resident at once) replaces kernel boundaries by
-# grid barriers. Program p announces "phase e done" by writing e into flags[p] (after a CTA
-# barrier, so every thread's stores precede the atomic's release); waiting is a spin on volatile
-# (L1-bypassing) loads of all flags until their minimum reaches e. Data written inside the kernel
-# is then read with volatile loads too (from L2; an SM's L1 may hold stale lines; Pallas' `.cg`
-# cache modifier does not lower in jax 0.10). Epochs only grow over the flags' lifetime (callers
-# derive them from the decode step), so the flags need no reset.
+# grid barriers. Arrival comes after a CTA barrier, so every thread's writes precede the arriving
+# atomic's release. Two kinds (BARRIER):
+#   "counter": programs add 1 to a counter and spin until it reaches k * P at the call's k-th
+#     barrier (one word polled). Calls alternate between two counters (by the parity of the decode
+#     index, which grows by one per call); each call zeroes the other one for the next call.
+#   "flags": program p writes epoch e into flags[p]; waiting spins until the minimum of all flags
+#     reaches e (P words polled and reduced across the CTA). Epochs only grow over the flags'
+#     lifetime (callers derive them from the decode step), so the flags need no reset.
+# Spins are volatile (L1-bypassing) loads; data written inside the kernel is read the same way
+# (from L2; an SM's L1 may hold stale lines; Pallas' `.cg` cache modifier does not lower in jax 0.10).
 # A wait that spins past MAX_SPIN polls (a program that is not resident would otherwise hang the
 # GPU) gives up and counts itself in flags[P]: results are then wrong and `sync_timeouts` says so.
 MAX_SPIN = 1 << 14
+BARRIER = "counter"  # H200, SmolLM2: 15.5 us per layer vs 16.5 with "flags" (469 vs 480 us per token)
 
 
 def sync_flags(programs: int) -> jax.Array:
-  """Fresh barrier state for `programs` programs: their flags, then the timeout count."""
+  """Fresh barrier state for `programs` programs: their flags (or, from the first two, the
+  counters), then the timeout count."""
   return jnp.zeros((programs + 1,), jnp.int32)
 
 
@@ -129,18 +138,25 @@ def sync_timeouts(flags: jax.Array) -> jax.Array:
   return flags[-1]
 
 
-def _arrive(flags_ref, p, epoch) -> None:
+def _arrive(flags_ref, p, epoch, counter=None) -> None:
+  """Program p is done with barrier `epoch` (flags), or adds itself to flags[counter]."""
   from jax.experimental.pallas import triton as plt
   plt.debug_barrier()
-  plt.atomic_xchg(flags_ref, (p,), epoch)
+  if counter is None:
+    plt.atomic_xchg(flags_ref, (p,), epoch)
+  else:
+    plt.atomic_add(flags_ref, (counter,), 1)
 
 
-def _wait(flags_ref, programs: int, epoch) -> None:
+def _wait(flags_ref, programs: int, epoch, counter=None) -> None:
+  """Spin until all `programs` arrived at barrier `epoch` (with a counter: the call's epoch-th)."""
   from jax.experimental.pallas import triton as plt
   pp = max(pl.next_power_of_2(programs), 16)
   lanes = jnp.arange(pp)
 
   def passed():
+    if counter is not None:
+      return plt.load(flags_ref.at[counter], volatile=True) >= epoch * programs
     f = plt.load(flags_ref.at[pl.ds(0, pp)], mask=lanes < programs, other=jnp.iinfo(jnp.int32).max,
                  volatile=True)
     return jnp.min(f) >= epoch
@@ -150,7 +166,7 @@ def _wait(flags_ref, programs: int, epoch) -> None:
 
   @pl.when(~done)
   def _():
-    plt.atomic_add(flags_ref, (programs,), 1)
+    plt.atomic_add(flags_ref, (flags_ref.shape[0] - 1,), 1)
 
 
 _load_l2 = functools.partial(_load, l2=True)
@@ -170,22 +186,22 @@ def _mv_weights(w_ref, lead: tuple, firsts: tuple, bn: int, tile) -> list:
   return [_load(w_ref, lead + (pl.ds(f, bn), cols), None if m is None else m[None, :]) for f in firsts]
 
 
-def _merged(o_ref, lse_ref, b, cols, m, dt, load):
+def _merged(o_ref, lse_ref, b, cols, m, dt):
   """The attention output on `cols` from `decode_attention`'s per-chunk partials ([B, C, A]
   normalized outputs and their log-sum-exp)."""
   mm = None if m is None else m[None, :]
-  o, lse = (load(r, (b, slice(None), cols), mm).astype(F32) for r in (o_ref, lse_ref))
+  o, lse = (_load(r, (b, slice(None), cols), mm).astype(F32) for r in (o_ref, lse_ref))
   wgt = jnp.exp(lse - jnp.max(lse, axis=0)[None, :])  # chunk 0 holds the current token: max finite
   return _round(jnp.sum(wgt * o, axis=0) / jnp.sum(wgt, axis=0), dt)
 
 
 def _mv(x_at, g_at, w_at, tiles: list, pre: list, *, eps: float, d: int) -> list:
-  """Per weight block, sum over column tiles of [norm](x) . w, in float32. `pre`: the first tile's
-  weights, already in flight. With a norm, sum(x^2) and the product of g * x with the weight
-  accumulate side by side and the 1/rms factor is applied at the end (one pass)."""
+  """Per weight block, sum over column tiles of [norm](x) . w, in float32. `pre`: the weights of
+  the first len(pre) tiles, already in flight. With a norm, sum(x^2) and the product of g * x with
+  the weight accumulate side by side and the 1/rms factor is applied at the end (one pass)."""
   acc, ss = None, 0.0
   for k, tile in enumerate(tiles):
-    ws = pre if k == 0 else w_at(tile)
+    ws = pre[k] if k < len(pre) else w_at(tile)
     x = x_at(*tile)
     if g_at is not None:
       ss = ss + jnp.sum(x * x)
@@ -228,11 +244,11 @@ def _matmul_kernel(*refs, prologue: str, has_res: bool, swiglu: bool, eps: float
 
   def x_at(cols, m):
     if prologue == "merge":
-      return _merged(*x_refs, b, cols, m, dt, _load)
+      return _merged(*x_refs, b, cols, m, dt)
     return _load(x_refs[0], (b, cols), m).astype(F32)
 
   g_at = (lambda cols, m: _load(g_ref, (cols,), m).astype(F32)) if prologue == "norm" else None
-  pre = w_at(tiles[0])  # every load in flight before any math
+  pre = [w_at(tiles[0])]  # every load in flight before any math
   res = res_ref[b, rows].astype(F32) if has_res else None
   acc = _mv(x_at, g_at, w_at, tiles, pre, eps=eps, d=d)
   o_ref[b, rows] = _mv_out(acc, swiglu, dt, o_ref.dtype, res).astype(o_ref.dtype)
@@ -313,25 +329,29 @@ def _when(cond, fn) -> None:
     pl.when(cond)(fn)
 
 
-def _kv_block(s: _AttnShape, r: _AttnRefs, b, kh, c, layer, t):
-  """Cache slots [c chunk + t block, + block) of kv head kh: K and V halves, their mask bits."""
+def _kv_block(s: _AttnShape, r: _AttnRefs, b, kh, c, layer, t, first: bool = False):
+  """Cache slots [c chunk + t block, + block) of kv head kh: K and V halves, their mask bits.
+  Block 0 is loaded before the chunk's length is known, and a chunk may lie past the cache's end
+  (masked); later blocks are only visited below the current index."""
   half = s.head_dim // 2
   start = c * s.chunk + t * s.block
   sl, slots = pl.ds(start, s.block), start + jnp.arange(s.block)
-  inside = (slots < s.num_slots) if s.chunk == s.block else None  # a chunk may lie past the cache's end
+  inside = (slots < s.num_slots) if first and s.chunk < s.num_slots else None
   kv = [_load(ref, (layer, b, kh, sl, pl.ds(o, half)), None if inside is None else inside[:, None]).astype(F32)
         for ref in (r.k, r.v) for o in (0, half)]
   return kv, _load(r.mask, (b, sl), inside, 0) != 0, slots
 
 
 def _attn_fetch(s: _AttnShape, r: _AttnRefs, b, n, c, layer):
-  """What a program can load before this token's q/k/v exist: its chunk's cached block."""
-  return _kv_block(s, r, b, n // (s.num_heads // s.num_kv), c, layer, 0) if s.chunk == s.block else None
+  """What a program can load before this token's q/k/v exist: its chunk's first cached block."""
+  return _kv_block(s, r, b, n // (s.num_heads // s.num_kv), c, layer, 0, first=True)
 
 
-def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, active=True) -> None:
+def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes=True):
   """Query head n of row b over cache chunk c (+ the new token in chunk 0): RoPE, the K/V write,
-  online softmax; stores the chunk's normalized output and log-sum-exp. `load` reads q/k/v."""
+  online softmax -> (the chunk's normalized output halves, its log-sum-exp). `load` reads q/k/v;
+  `pre`: the chunk's first block (`_attn_fetch`); `writes`: whether this program may write the
+  token's K/V (the first query head of each kv group does, in chunk 0)."""
   G, H, half = s.num_heads // s.num_kv, s.head_dim, s.head_dim // 2
   kh = n // G
   dt = r.qkv.dtype
@@ -353,7 +373,7 @@ def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, active
       ref[layer, b, kh, idx, pl.ds(0, half)] = lo.astype(ref.dtype)
       ref[layer, b, kh, idx, pl.ds(half, half)] = hi.astype(ref.dtype)
 
-  pl.when((n % G == 0) & (c == 0) & active)(write_kv)
+  pl.when((n % G == 0) & (c == 0) & writes)(write_kv)
   scale = H ** -0.5
 
   def attend(blk, carry):  # online softmax over one block of cached slots
@@ -371,22 +391,14 @@ def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, active
   # it attends to itself, so the merged max is finite. Slots at or after idx are never used.
   mine = (c == 0).astype(F32)
   carry = (jnp.where(c == 0, (jnp.sum(q1 * k1) + jnp.sum(q2 * k2)) * scale, -jnp.inf), mine, v1 * mine, v2 * mine)
-  if pre is not None:
-    carry = attend(pre, carry)
-  else:
-    todo = jnp.clip((idx - c * s.chunk + s.block - 1) // s.block, 0, s.chunk // s.block)
-    carry = jax.lax.fori_loop(0, todo, lambda t, cr: attend(_kv_block(s, r, b, kh, c, layer, t), cr), carry)
+  carry = attend(pre, carry)
+  if s.chunk > s.block:
+    todo = jnp.clip((idx - c * s.chunk + s.block - 1) // s.block, 1, s.chunk // s.block)
+    carry = jax.lax.fori_loop(1, todo, lambda t, cr: attend(_kv_block(s, r, b, kh, c, layer, t), cr), carry)
   m, l, o1, o2 = carry
   empty = l == 0.0  # a chunk with no visible slot: weight exp(-inf) = 0 in the merge
   inv = 1.0 / jnp.where(empty, 1.0, l)
-  lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
-
-  def store():
-    for ref, lo, hi in ((r.o, o1 * inv, o2 * inv), (r.lse, lse, lse)):
-      ref[b, c, pl.ds(n * H, half)] = jnp.broadcast_to(lo, (half,)).astype(ref.dtype)
-      ref[b, c, pl.ds(n * H + half, half)] = jnp.broadcast_to(hi, (half,)).astype(ref.dtype)
-
-  _when(active, store)
+  return o1 * inv, o2 * inv, jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
 def _attn_kernel(qkv_ref, cos_ref, sin_ref, mask_ref, meta_ref, k_in, v_in, o_ref, lse_ref, k_ref, v_ref,
@@ -395,7 +407,11 @@ def _attn_kernel(qkv_ref, cos_ref, sin_ref, mask_ref, meta_ref, k_in, v_in, o_re
   layer, idx = meta_ref[0], meta_ref[1]
   r = _AttnRefs(qkv_ref, cos_ref, sin_ref, mask_ref, k_in, v_in, k_ref, v_ref, o_ref, lse_ref)
   pre = _attn_fetch(shape, r, b, n, c, layer)  # every load in flight before any math
-  _attn(shape, r, b, n, c, layer, idx, pre, load=_load)
+  o1, o2, lse = _attn(shape, r, b, n, c, layer, idx, pre, load=_load)
+  H, half = shape.head_dim, shape.head_dim // 2
+  for ref, lo, hi in ((o_ref, o1, o2), (lse_ref, lse, lse)):
+    ref[b, c, pl.ds(n * H, half)] = jnp.broadcast_to(lo, (half,)).astype(ref.dtype)
+    ref[b, c, pl.ds(n * H + half, half)] = jnp.broadcast_to(hi, (half,)).astype(ref.dtype)
 
 
 def chunking(S: int) -> tuple[int, int]:
@@ -438,13 +454,26 @@ def decode_attention(qkv_BxE: jax.Array, cos_BxH: jax.Array, sin_BxH: jax.Array,
 
 
 # ----------------------------------------------------------------------------- persistent segment
-# One kernel for a run of identical decode layers: one program per SM, every phase of every layer
-# (norm+qkv, attention, merge+o_proj, norm+gate/up, down; linear sub-blocks as one product) spread
-# over the programs, grid barriers between phases instead of kernel boundaries. While waiting at a
-# barrier each program already loads what its next phase needs that does not depend on the phase
-# before (weights, cached K/V): a launch per phase and the weights' latency leave the chain.
-PERSISTENT_PROGRAMS: int | None = None  # programs of the persistent kernel (None: one per SM)
-PERSISTENT_WARPS = 4  # measured on the H200 (SmolLM2 shapes): 16.2 us per layer vs 21.2 with 8
+# One kernel for a run of identical decode layers: one program per SM, the layers' phases spread
+# over the programs, grid barriers between phases instead of kernel boundaries. A gqa + SwiGLU
+# layer is three phases, each ending where the next needs every output of it:
+#   1. RMSNorm + q/k/v projection                                  (`_Matvec`, into scratch "qkv")
+#   2. attention + output projection: an item per (query head, block of residual rows) attends over
+#      the whole cache (RoPE, K/V write) and adds its head's share of o_proj   (`_AttnOut`)
+#   3. RMSNorm + gate/up + SiLU * up + down: an item per block of FFN rows adds its rows' share of
+#      the down projection                                                     (`_FFN`)
+# Split-K shares are summed by float32 atomics, so the residual stream lives in float32 scratch,
+# three buffers in rotation. A phase that reads the whole residual and adds to it ("flips": the
+# FFN, linear sub-blocks) reads buffer t % 3, writes t + 1 (zeroed before; the FFN's item (b, 0)
+# adds the residual itself) and zeroes t + 2 (whose last reader was the flip before). Attention
+# reads no residual, so it adds in place. While waiting at a barrier each program already loads
+# what its next phase needs that does not depend on the phase before (weights, cached K/V).
+# Knobs (benchmarks/segment_profile.py sweeps them; H200, SmolLM2 shapes, us per layer vs 15.5-17.4):
+PERSISTENT_PROGRAMS: int | None = None  # None: one per SM (two per SM: 18.0; they must all be resident)
+PERSISTENT_WARPS = 4  # 8 warps: 16.0-16.8
+PERSISTENT_ATTN_BLOCK = BLOCK_S  # cache slots per attention step, the first loaded early (256: 19.3)
+PERSISTENT_FFN_ROWS: int | None = None  # None: fewest rows with one item per program (16; 32 spill: 25.1)
+PERSISTENT_FFN_PIECES = True  # D in unmasked power-of-two pieces (576 = 512 + 64); one masked tile: slower
 PROFILE_SKIP: frozenset = frozenset()  # phase positions whose work is skipped (barriers kept): timing only
 
 
@@ -456,150 +485,279 @@ def persistent_programs() -> int:
   return PERSISTENT_PROGRAMS or getattr(jax.devices()[0], "core_count", 0) or 108
 
 
+def _pieces(d: int) -> list:
+  """Column tiles covering d exactly with unmasked power-of-two widths (576 -> 512 + 64): no
+  masked lanes in registers that stay live across a barrier."""
+  tiles, start = [], 0
+  for bit in reversed(range(d.bit_length())):
+    if d >> bit & 1:
+      tiles.append((pl.ds(start, 1 << bit), None))
+      start += 1 << bit
+  return tiles
+
+
+@functools.cache
+def _relaxed_add_p():
+  """A float atomic add with relaxed ordering (PTX `red.relaxed.gpu`). Pallas' `atomic_add` is
+  acquire-release, a fence around every element's add (measured on the H200: 17.5 us per SmolLM2
+  layer with it, 15.7 relaxed). Sums need no ordering of their own: the barrier's release
+  (`_arrive`) orders them before the next phase. Pallas' own lowering rule, called with the
+  ordering swapped (private jax API; tests/test_kernels.py checks it on the installed jax)."""
+  from jax._src import core as jax_core
+  from jax._src.lib.triton import dialect as tt
+  from jax._src.pallas.triton import lowering as tl, primitives as tp
+  prim = jax_core.Primitive("atomic_add_relaxed")
+  prim.def_effectful_abstract_eval(functools.partial(tp._atomic_abstract_eval, atomic_type=tp.AtomicOpType.ADD))
+
+  def lower(ctx, *args, args_tree):
+    acq_rel = tl._atomic_rmw
+    tl._atomic_rmw = functools.partial(acq_rel, semantic=tt.MemSemantic.RELAXED)
+    try:
+      return tp._atomic_lowering_rule(ctx, *args, args_tree=args_tree, atomic_type=tp.AtomicOpType.ADD)
+    finally:
+      tl._atomic_rmw = acq_rel
+
+  tl.register_lowering(prim)(lower)
+  return prim
+
+
+def _atomic_add(ref, idx: tuple, val, mask=None) -> None:
+  """ref[idx] += val from many programs at once (relaxed; plain in the interpreter's one program)."""
+  if _interpret():
+    from jax.experimental.pallas import triton as plt
+    plt.store(ref.at[idx], _load(ref, idx, mask) + val, mask=mask)
+    return
+  from jax._src import tree_util
+  from jax._src.state import primitives as sp
+  ref, transforms = sp.get_ref_and_transforms(ref, idx, "atomic_add_relaxed")
+  args, tree = tree_util.tree_flatten((ref, transforms, val, mask))
+  _relaxed_add_p().bind(*args, args_tree=tree)
+
+
+class _At(NamedTuple):
+  """Where a phase runs: layer, cache index, residual buffers (read/added in place, next)."""
+  layer: Any
+  idx: Any
+  cur: Any
+  nxt: Any
+  eps: float
+  dt: Any  # activation dtype
+
+
+def _split(item, blocks: int):
+  return jax.lax.div(item, blocks), jax.lax.rem(item, blocks)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Matvec:
-  """out[b, rows] = [h[b, rows] +] f([norm](x[b]) @ w[layer].T): a matmul phase. x: "h", "act" or
-  "merge" (attention partials); f: identity or SiLU(gate) * up."""
+  """RMSNorm(residual) @ w[layer].T for one block of bn output rows: q/k/v into scratch "qkv", or
+  (`flips`: a linear sub-block) the residual plus the product into the next buffer."""
   w: str
-  x: str
-  out: str
+  norm: str
   n: int
   d: int
   bn: int
   bd: int
-  norm: str | None = None
-  swiglu: bool = False
-  residual: bool = False
+  flips: bool = False
 
   def items(self, batch: int) -> int:
     return batch * (self.n // self.bn)
 
-  def _coords(self, item):
-    blocks = self.n // self.bn
-    j = jax.lax.rem(item, blocks)
-    firsts = (j * self.bn, self.n + j * self.bn) if self.swiglu else (j * self.bn,)
-    return jax.lax.div(item, blocks), j, firsts
+  def _w(self, r: dict, layer, j, tile):
+    return _mv_weights(r[self.w], (layer,), (j * self.bn,), self.bn, tile)
 
   def fetch(self, r: dict, layer, item):
-    _, _, firsts = self._coords(item)
-    return _mv_weights(r[self.w], (layer,), firsts, self.bn, _col_tiles(self.d, self.bd)[0])
+    return [self._w(r, layer, _split(item, self.n // self.bn)[1], _col_tiles(self.d, self.bd)[0])]
 
-  def run(self, r: dict, layer, item, idx, pre, active, *, eps: float) -> None:
-    del idx
-    b, j, firsts = self._coords(item)
-    dt, out = r["h"].dtype, r[self.out]
+  def run(self, r: dict, at: _At, item, pre, active) -> None:
+    b, j = _split(item, self.n // self.bn)
     rows = pl.ds(j * self.bn, self.bn)
-
-    def w_at(tile):
-      return _mv_weights(r[self.w], (layer,), firsts, self.bn, tile)
-
-    def x_at(cols, m):
-      if self.x == "merge":
-        return _merged(r["o"], r["lse"], b, cols, m, dt, _load_l2)
-      return _load_l2(r[self.x], (b, cols), m).astype(F32)
-
-    g_at = None if self.norm is None else (lambda cols, m: _load(r[self.norm], (layer, cols), m).astype(F32))
-    res = _load_l2(r["h"], (b, rows)).astype(F32) if self.residual else None
-    acc = _mv(x_at, g_at, w_at, _col_tiles(self.d, self.bd), pre, eps=eps, d=self.d)
-    y = _mv_out(acc, self.swiglu, dt, out.dtype, res).astype(out.dtype)
+    acc = _mv(lambda cols, m: _load_l2(r["hs"], (at.cur, b, cols), m),
+              lambda cols, m: _load(r[self.norm], (at.layer, cols), m).astype(F32),
+              functools.partial(self._w, r, at.layer, j), _col_tiles(self.d, self.bd), pre, eps=at.eps, d=self.d)
+    if self.flips:
+      out, y = (at.nxt, b, rows), _mv_out(acc, False, at.dt, F32, _load_l2(r["hs"], (at.cur, b, rows)))
+    else:
+      out, y = (b, rows), _mv_out(acc, False, at.dt, at.dt, None)
+    ref = r["hs" if self.flips else "qkv"]
 
     def store():
-      out[b, rows] = y
+      ref[out] = y.astype(ref.dtype)
 
     _when(active, store)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Copy:
-  """dst[b, rows] = src[b, rows] with the partition of the phase that wrote src (each program
-  copies what it wrote itself: a linear sub-block reads all of h, so it writes elsewhere first)."""
-  src: str
-  dst: str
-  n: int
-  bn: int
-
-  def items(self, batch: int) -> int:
-    return batch * (self.n // self.bn)
-
-  def fetch(self, r: dict, layer, item):
-    return None
-
-  def run(self, r: dict, layer, item, idx, pre, active, *, eps: float) -> None:
-    blocks = self.n // self.bn
-    b, rows = jax.lax.div(item, blocks), pl.ds(jax.lax.rem(item, blocks) * self.bn, self.bn)
-    y = _load_l2(r[self.src], (b, rows))
-
-    def store():
-      r[self.dst][b, rows] = y
-
-    _when(active, store)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Attention:
-  """`decode_attention` as a phase: one item per (row, query head, cache chunk)."""
+class _AttnOut:
+  """One query head over the whole cache (`_attn`: RoPE, K/V write, softmax), then its columns of
+  the output projection for bo residual rows, added in place: an item per (row, head, row block).
+  The heads' row blocks attend redundantly (cached K/V from L2) instead of merging split-K chunks
+  behind another barrier."""
   shape: _AttnShape
-  chunks: int
+  d: int
+  bo: int
+  flips = False
 
   def items(self, batch: int) -> int:
-    return batch * self.shape.num_heads * self.chunks
+    return batch * self.shape.num_heads * (self.d // self.bo)
 
   def _coords(self, item):
-    per_row = self.shape.num_heads * self.chunks
-    rest = jax.lax.rem(item, per_row)
-    return jax.lax.div(item, per_row), jax.lax.div(rest, self.chunks), jax.lax.rem(rest, self.chunks)
+    b, rest = _split(item, self.shape.num_heads * (self.d // self.bo))
+    return (b, *_split(rest, self.d // self.bo))
 
   @staticmethod
   def _refs(r: dict) -> _AttnRefs:
-    return _AttnRefs(r["qkv"], r["cos"], r["sin"], r["mask"], r["k"], r["v"], r["k"], r["v"], r["o"], r["lse"])
+    return _AttnRefs(r["qkv"], r["cos"], r["sin"], r["mask"], r["k"], r["v"], r["k"], r["v"], None, None)
 
   def fetch(self, r: dict, layer, item):
-    return _attn_fetch(self.shape, self._refs(r), *self._coords(item), layer)
+    b, n, j = self._coords(item)
+    H, half = self.shape.head_dim, self.shape.head_dim // 2
+    w = [_load(r["wo_DxA"], (layer, pl.ds(j * self.bo, self.bo), pl.ds(n * H + o, half))) for o in (0, half)]
+    return _attn_fetch(self.shape, self._refs(r), b, n, jnp.int32(0), layer), w
 
-  def run(self, r: dict, layer, item, idx, pre, active, *, eps: float) -> None:
-    _attn(self.shape, self._refs(r), *self._coords(item), layer, idx, pre, load=_load_l2, active=active)
+  def run(self, r: dict, at: _At, item, pre, active) -> None:
+    b, n, j = self._coords(item)
+    kv, w = pre
+    o1, o2, _ = _attn(self.shape, self._refs(r), b, n, jnp.int32(0), at.layer, at.idx, kv, load=_load_l2,
+                      writes=active & (j == 0))
+    y = sum(jnp.sum(wh.astype(F32) * _round(o, at.dt)[None, :], axis=1) for wh, o in zip(w, (o1, o2)))
+    _when(active, lambda: _atomic_add(r["hs"], (at.cur, b, pl.ds(j * self.bo, self.bo)), y))
 
 
-def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs: int, batch: int, eps: float):
+@dataclasses.dataclass(frozen=True)
+class _FFN:
+  """SwiGLU for one block of bf FFN rows: RMSNorm, gate/up, SiLU(gate) * up, then the block's
+  columns of the down projection added to the next residual buffer (item (b, 0) adds the residual
+  too). Every weight of the item is loaded before the barrier, in `_pieces` of D."""
+  d: int
+  f: int
+  bf: int
+  pieces: bool = True
+  flips = True
+
+  def _tiles(self) -> list:
+    return _pieces(self.d) if self.pieces else _col_tiles(self.d, pl.next_power_of_2(self.d))
+
+  def items(self, batch: int) -> int:
+    return batch * (self.f // self.bf)
+
+  def _gu(self, r: dict, layer, j, tile):
+    return _mv_weights(r["wgu_2xFxD"], (layer,), (j * self.bf, self.f + j * self.bf), self.bf, tile)
+
+  def _down(self, r: dict, layer, j):
+    return [_load(r["wd_DxF"], (layer, cols, pl.ds(j * self.bf, self.bf)), None if m is None else m[:, None])
+            for cols, m in self._tiles()]
+
+  def fetch(self, r: dict, layer, item):
+    j = _split(item, self.f // self.bf)[1]
+    return [self._gu(r, layer, j, t) for t in self._tiles()], self._down(r, layer, j)
+
+  def run(self, r: dict, at: _At, item, pre, active) -> None:
+    b, j = _split(item, self.f // self.bf)
+    gu, wd = pre
+    xs = []
+
+    def x_at(cols, m):
+      xs.append(_load_l2(r["hs"], (at.cur, b, cols), m))
+      return xs[-1]
+
+    tiles = self._tiles()
+    acc = _mv(x_at, lambda cols, m: _load(r["ffn_norm_D"], (at.layer, cols), m).astype(F32), None, tiles, gu,
+              eps=at.eps, d=self.d)
+    act = _mv_out(acc, True, at.dt, at.dt, None)
+    for (cols, m), w, x in zip(tiles, wd, xs):
+      y = jnp.sum(w.astype(F32) * act[None, :], axis=1) + jnp.where(j == 0, x, 0.0)
+      _when(active, functools.partial(_atomic_add, r["hs"], (at.nxt, b, cols), y, mask=m))
+
+
+def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs: int, batch: int, eps: float,
+                    dt):
   r = dict(zip(names, refs))
   p = pl.program_id(0)
   idx, base = r["meta"][0], r["meta"][1]
-  nph = len(phases)
+  nph, flips = len(phases), [sum(ph.flips for ph in phases[:j]) for j in range(len(phases) + 1)]
+
+  def at(layer, j):
+    t = layer * flips[-1] + flips[j]
+    return _At(layer, idx, jax.lax.rem(t, 3), jax.lax.rem(t + 1, 3), eps, dt), jax.lax.rem(t + 2, 3)
 
   def item(ph, rnd):
     i = p + rnd * programs
     return jnp.minimum(i, ph.items(batch) - 1), i < ph.items(batch)
 
-  def run(ph, layer, pre):
+  def run(ph, a: _At, pre):
     it, ok = item(ph, 0)
-    ph.run(r, layer, it, idx, pre, ok, eps=eps)
+    ph.run(r, a, it, pre, ok)
     rounds = -(-ph.items(batch) // programs)
     if rounds > 1:  # more items than programs: the rest without prefetching
       def more(rnd, carry):
         it, ok = item(ph, rnd)
-        ph.run(r, layer, it, idx, ph.fetch(r, layer, it), ok, eps=eps)
+        ph.run(r, a, it, ph.fetch(r, a.layer, it), ok)
         return carry
       jax.lax.fori_loop(1, rounds, more, 0)
 
+  def zero(buf):
+    for b in range(batch):
+      for cols, _ in _pieces(r["hs"].shape[2]):
+        r["hs"][buf, b, cols] = jnp.zeros((cols.size,), F32)
+
+  counter = jax.lax.rem(idx, 2) if BARRIER == "counter" else None
+  if counter is not None and programs > 1:  # the next call's counter (see the grid barrier)
+    pl.when(p == 0)(lambda: r["flags"].__setitem__(1 - counter, jnp.int32(0)))
+
   def layer_body(layer, pre):
     for j, ph in enumerate(phases):
+      a, stale = at(layer, j)
       if j not in PROFILE_SKIP:
-        run(ph, layer, pre)
-      epoch = base + layer * nph + j + 1
+        run(ph, a, pre)
+      if ph.flips:
+        pl.when(p == programs - 1)(functools.partial(zero, stale))
+      epoch = (0 if counter is not None else base) + layer * nph + j + 1
       if programs > 1:
-        _arrive(r["flags"], p, epoch)
+        _arrive(r["flags"], p, epoch, counter)
       nxt_layer = layer if j + 1 < nph else jnp.minimum(layer + 1, n_layers - 1)
       pre = phases[(j + 1) % nph].fetch(r, nxt_layer, item(phases[(j + 1) % nph], 0)[0])
       if programs > 1:
-        _wait(r["flags"], programs, epoch)
+        _wait(r["flags"], programs, epoch, counter)
     return pre
 
   jax.lax.fori_loop(0, n_layers, layer_body, phases[0].fetch(r, 0, item(phases[0], 0)[0]))
 
 
-def _mv_phase(programs: int, batch: int, **kw) -> _Matvec:
-  bn = _row_block(kw["n"], max(programs // batch, 1))
-  return _Matvec(bn=bn, bd=_col_block(kw["d"], bn), **kw)
+def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs: int, batch: int, num_heads: int,
+            num_kv_heads: int) -> tuple[list, dict, dict]:
+  """A block's phases, the weights they read (by name) and their scratch {name: (shape, dtype)}."""
+  n, D = p["attn_norm_D"].shape if "attn_norm_D" in p else p["ffn_norm_D"].shape
+  per_item = max(programs // batch, 1)
+
+  def linear(w: str, norm: str) -> _Matvec:
+    bn = _row_block(D, per_item)
+    return _Matvec(w, norm, D, D, bn, _col_block(D, bn), flips=True)
+
+  phases, ins, scratch = [], {}, {}
+  if attn_kind == "gqa":
+    K, S, H = kv["k"].shape[2], kv["k"].shape[3], kv["k"].shape[4]
+    E = p["wqkv_ExD"].shape[1]
+    if K != num_kv_heads or E != (num_heads + 2 * K) * H or S % BLOCK_S or not head_dim_ok(H):
+      raise ValueError(f"decode_segment: qkv {p['wqkv_ExD'].shape}, cache {kv['k'].shape}, heads "
+                       f"{num_heads}/{num_kv_heads}: need E = (N + 2K) H, S % {BLOCK_S} == 0, H a power of two >= 32")
+    bn = _row_block(E, per_item)
+    shape = _AttnShape(num_heads, K, H, S, min(S, PERSISTENT_ATTN_BLOCK), S)
+    phases += [_Matvec("wqkv_ExD", "attn_norm_D", E, D, bn, _col_block(D, bn)),
+               _AttnOut(shape, D, _row_block(D, max(per_item // num_heads, 1)))]
+    ins.update({k: p[k] for k in ("attn_norm_D", "wqkv_ExD", "wo_DxA")})
+    scratch["qkv"] = (batch, E)
+  elif attn_kind == "linear":
+    phases.append(linear("wa_DxD", "attn_norm_D"))
+    ins.update({k: p[k] for k in ("attn_norm_D", "wa_DxD")})
+  if ffn_kind == "swiglu":
+    F = p["wd_DxF"].shape[2]
+    phases.append(_FFN(D, F, PERSISTENT_FFN_ROWS or _row_block(F, per_item), PERSISTENT_FFN_PIECES))
+    ins.update(ffn_norm_D=p["ffn_norm_D"], wgu_2xFxD=p["wgu_2xFxD"].reshape(n, 2 * F, D), wd_DxF=p["wd_DxF"])
+  elif ffn_kind == "linear":
+    phases.append(linear("wf_DxD", "ffn_norm_D"))
+    ins.update({k: p[k] for k in ("ffn_norm_D", "wf_DxD")})
+  return phases, ins, scratch
 
 
 def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array, cos_BxH: jax.Array,
@@ -613,59 +771,33 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
   segment's caches {"k", "v"} [n, B, K, S, H] (gqa), updated in place at slot `index`; mask [B, S]
   (int32) the slots row b may attend to; flags: the barrier state of this segment
   (`sync_flags(persistent_programs())`, kept across steps; epochs derive from `index`, which must
-  grow by one per call). Same results as n calls of the five-kernel block.
+  grow by one per call). Same results as n calls of the five-kernel block, except that the residual
+  stream stays in float32 inside the run (projections are still rounded to the activation dtype).
   """
   if attn_kind not in ("gqa", "linear", "noop") or ffn_kind not in ("swiglu", "linear", "noop"):
     raise ValueError(f"decode_segment: no phases for attention {attn_kind!r} / FFN {ffn_kind!r}")
+  if (attn_kind, ffn_kind) == ("noop", "noop"):
+    raise ValueError("decode_segment: a block with neither attention nor FFN needs no kernel")
   B, D = h_BxD.shape
   n = next(iter(p.values())).shape[0]
   programs = flags.shape[0] - 1
-  dt = h_BxD.dtype
-  mv = functools.partial(_mv_phase, programs, B)
-  phases, ins, scratch = [], {}, {}
+  phases, ins, scratch = _phases(attn_kind, ffn_kind, p, kv, programs=programs, batch=B, num_heads=num_heads,
+                                 num_kv_heads=num_kv_heads)
   if attn_kind == "gqa":
-    K, S, H = kv["k"].shape[2], kv["k"].shape[3], kv["k"].shape[4]
-    E, A = p["wqkv_ExD"].shape[1], num_heads * H
-    if K != num_kv_heads or E != (num_heads + 2 * K) * H or S % BLOCK_S or not head_dim_ok(H):
-      raise ValueError(f"decode_segment: qkv {p['wqkv_ExD'].shape}, cache {kv['k'].shape}, heads "
-                       f"{num_heads}/{num_kv_heads}: need E = (N + 2K) H, S % {BLOCK_S} == 0, H a power of two >= 32")
-    chunk, C = chunking(S)
-    phases += [mv(w="wqkv_ExD", x="h", out="qkv", n=E, d=D, norm="attn_norm_D"),
-               _Attention(_AttnShape(num_heads, K, H, chunk, min(chunk, BLOCK_S), S), C),
-               mv(w="wo_DxA", x="merge", out="h", n=D, d=A, residual=True)]
     ins.update(cos=cos_BxH.astype(F32), sin=sin_BxH.astype(F32), mask=mask_BxS.astype(jnp.int32))
-    ins.update({k: p[k] for k in ("attn_norm_D", "wqkv_ExD", "wo_DxA")})
-    scratch.update(qkv=((B, E), dt), o=((B, C, A), dt), lse=((B, C, A), F32))
-  elif attn_kind == "linear":
-    phases += [mv(w="wa_DxD", x="h", out="tmp", n=D, d=D, norm="attn_norm_D", residual=True)]
-    phases += [_Copy("tmp", "h", D, phases[-1].bn)]
-    ins.update({k: p[k] for k in ("attn_norm_D", "wa_DxD")})
-  if ffn_kind == "swiglu":
-    F = p["wd_DxF"].shape[2]
-    phases += [mv(w="wgu_2xFxD", x="h", out="act", n=F, d=D, norm="ffn_norm_D", swiglu=True),
-               mv(w="wd_DxF", x="act", out="h", n=D, d=F, residual=True)]
-    ins.update(ffn_norm_D=p["ffn_norm_D"], wgu_2xFxD=p["wgu_2xFxD"].reshape(n, 2 * F, D), wd_DxF=p["wd_DxF"])
-    scratch.update(act=((B, F), dt))
-  elif ffn_kind == "linear":
-    phases += [mv(w="wf_DxD", x="h", out="tmp", n=D, d=D, norm="ffn_norm_D", residual=True)]
-    phases += [_Copy("tmp", "h", D, phases[-1].bn)]
-    ins.update({k: p[k] for k in ("ffn_norm_D", "wf_DxD")})
-  if not phases:
-    raise ValueError("decode_segment: a block with neither attention nor FFN needs no kernel")
-  if "tmp" in {getattr(ph, "out", None) for ph in phases}:
-    scratch.update(tmp=((B, D), dt))
   index = jnp.asarray(index, jnp.int32)
   ins["meta"] = jnp.stack([index, index * (n * len(phases))])  # epochs of this call: base + 1 ...
-  aliased = {"h": h_BxD, "flags": flags} | ({"k": kv["k"], "v": kv["v"]} if attn_kind == "gqa" else {})
+  hs = jnp.zeros((3, B, D), F32).at[0].set(h_BxD.astype(F32))  # the residual buffers (see above)
+  aliased = {"hs": hs, "flags": flags} | ({"k": kv["k"], "v": kv["v"]} if attn_kind == "gqa" else {})
   in_names = tuple(ins) + tuple(f"{k}_in" for k in aliased)
   out_names = tuple(aliased) + tuple(scratch)
   out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in aliased.values()]
-  out_shape += [jax.ShapeDtypeStruct(s, t) for s, t in scratch.values()]
+  out_shape += [jax.ShapeDtypeStruct(shp, h_BxD.dtype) for shp in scratch.values()]
   kernel = functools.partial(_segment_kernel, names=in_names + out_names, phases=tuple(phases), n_layers=n,
-                             programs=programs, batch=B, eps=eps)
+                             programs=programs, batch=B, eps=eps, dt=h_BxD.dtype)
   outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(programs,),
                         input_output_aliases={len(ins) + i: i for i in range(len(aliased))},
                         interpret=_interpret(), compiler_params=_compiler_params(PERSISTENT_WARPS))(
       *ins.values(), *aliased.values())
-  h, flags = outs[0], outs[1]
-  return h, ({"k": outs[2], "v": outs[3]} if attn_kind == "gqa" else kv), flags
+  final = n * sum(ph.flips for ph in phases) % 3  # the buffer the last flip wrote
+  return outs[0][final].astype(h_BxD.dtype), ({"k": outs[2], "v": outs[3]} if attn_kind == "gqa" else kv), outs[1]

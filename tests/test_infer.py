@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from puzzle_jax import infer, io, model
-from puzzle_jax.arch import Arch, AttnSpec, BlockSpec, FFNSpec
+from puzzle_jax import infer, io, kernels, model
+from puzzle_jax.arch import Arch, AttnSpec, BlockSpec, FFNSpec, uniform_arch
 
 A, F = AttnSpec, FFNSpec
 FULL = BlockSpec(A("gqa", num_kv_heads=2), F("swiglu", 48))
@@ -146,6 +146,22 @@ def test_fused_decode_kernels_match(batch, impl, scan):
   xla = infer.prepare(arch, params, jnp.float32, scan=scan, decode_impl="xla")
   np.testing.assert_array_equal(np.asarray(infer.generate(fused, tokens, mask, max_new_tokens=8)),
                                 np.asarray(infer.generate(xla, tokens, mask, max_new_tokens=8)))
+
+
+def test_persistent_generate_raises_on_barrier_timeouts(monkeypatch):
+  """A persistent kernel whose programs were not all resident (barrier waits gave up) decodes
+  wrong tokens: generate says so instead of returning them. Timeouts are simulated here (the
+  interpreter runs one program, no barriers)."""
+  arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                      intermediate_size=128, head_dim=32)
+  ip = infer.prepare(arch, model.init_params(jax.random.PRNGKey(0), arch), jnp.float32, decode_impl="persistent")
+  tokens = jnp.ones((1, 4), jnp.int32)
+  assert infer.generate(ip, tokens, max_new_tokens=2).shape == (1, 2)
+  monkeypatch.setattr(kernels, "sync_timeouts", lambda flags: flags[-1] + 3)
+  jax.clear_caches()
+  with pytest.raises(RuntimeError, match="grid-barrier waits .* timed out"):
+    infer.generate(ip, tokens, max_new_tokens=2)
+  jax.clear_caches()
 
 
 def test_prepare_rejects_unknown_decode_impl(hetero):

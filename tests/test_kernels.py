@@ -97,12 +97,24 @@ def test_fused_decode_lowers_to_triton(monkeypatch):
       cache, cache, 0, S_((), jnp.int32)).lower(lowering_platforms=("cuda",))
 
 
-def test_persistent_decode_lowers_to_triton(monkeypatch):
+@pytest.mark.parametrize("barrier", ["counter", "flags"])
+def test_persistent_decode_lowers_to_triton(monkeypatch, barrier):
   """The persistent segment kernel with one program per SM of an H100/H200 (132; barriers, atomics
   and volatile loads only exist there) lowers to Triton for CUDA: one kernel per run of blocks."""
   from puzzle_jax.arch import AttnSpec, BlockSpec, FFNSpec, uniform_arch
+  from jax._src.lib.triton import dialect as tt
+  from jax._src.pallas.triton import lowering as tl
   monkeypatch.setattr(kernels, "_interpret", lambda: False)
   monkeypatch.setattr(kernels, "PERSISTENT_PROGRAMS", 132)
+  monkeypatch.setattr(kernels, "BARRIER", barrier)
+  jax.clear_caches()  # the knobs are not part of the lowering cache's key
+  atomics, acq_rel = [], tl._atomic_rmw
+
+  def spy(op, ptr, val, mask=None, semantic=tt.MemSemantic.ACQUIRE_RELEASE, **kw):
+    atomics.append((str(op), str(semantic)))
+    return acq_rel(op, ptr, val, mask=mask, semantic=semantic, **kw)
+
+  monkeypatch.setattr(tl, "_atomic_rmw", spy)
   arch = uniform_arch(vocab_size=256, hidden_size=96, num_layers=4, num_heads=3, num_kv_heads=1,
                       intermediate_size=160, head_dim=64)
   blocks = list(arch.blocks)
@@ -115,6 +127,9 @@ def test_persistent_decode_lowers_to_triton(monkeypatch):
       ip, jax.ShapeDtypeStruct((1, 8), jnp.int32), None, jax.random.PRNGKey(0), max_new_tokens=4, temperature=0.0,
       top_p=1.0, stop_tokens=()).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3  # segments: 2 gqa/swiglu, linear/linear, noop/swiglu
+  # Split-K sums into the residual are relaxed float adds; the barrier's arrival releases them.
+  assert {sem for op, sem in atomics if op == "fadd"} == {"relaxed"}, set(atomics)
+  assert {sem for op, sem in atomics if op != "fadd"} == {"acq_rel"}, set(atomics)
 
 
 def test_col_block_never_slices_past_the_row():
@@ -129,8 +144,8 @@ def test_grid_sync_benchmark_cpu_mode():
   """benchmarks/grid_sync.py off-GPU (one program, no barriers): every chain it times agrees with
   the NumPy reference chain."""
   from benchmarks import grid_sync
-  res = grid_sync.main(["--n", "3", "--d", "128", "--runs", "1", "--modes", "flags"])
-  assert res["programs"] == 1 and res["timeouts"] == 0
+  res = grid_sync.main(["--n", "3", "--d", "128", "--runs", "1", "--modes", "flags,counter"])
+  assert res["programs"] == 1 and res["timeouts"] == {"flags": 0, "counter": 0}
   assert all(v["ok"] and v["call_s"] > 0 for v in res["variants"].values()), res["variants"]
 
 
