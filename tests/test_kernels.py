@@ -47,7 +47,8 @@ def rope(B, H, pos):
   return jnp.cos(emb), jnp.sin(emb)  # [B, 1, H]
 
 
-@pytest.mark.parametrize("S, idx", [(256, 0), (256, 70), (384, 300), (1024, 700)])  # 4, 8 (2 empty), 8 chunks
+@pytest.mark.parametrize("S, idx", [(256, 0), (256, 70), (384, 300), (1024, 700), (1152, 1100)])
+# chunks: 4; 8 (2 empty); 8; 8 of two blocks each (3 wholly past the end, one partly)
 def test_decode_attention_and_merge_match_reference(S, idx):
   """decode_attention (RoPE, slot write, split-K attention) + attn_out (merge, o_proj, residual):
   same output and cache as infer's XLA path."""
