@@ -157,3 +157,14 @@ def test_segment_profile_benchmark_cpu_mode():
                               "--variants", "full,barriers only"])
   assert all("error" not in r and r["us_per_call"] > 0 and r["barrier_timeouts"] == 0
              for r in res["rows"].values()), res["rows"]
+
+
+def test_kernel_sass_lowers_persistent_kernel_on_cpu():
+  """benchmarks/kernel_sass.py's first half (no `triton` package needed): the persistent kernel's
+  Triton IR, lowered here as on the GPU, sums split-K shares with relaxed float atomics and
+  arrives at barriers with acquire-release integer atomics."""
+  import re
+  from benchmarks import kernel_sass
+  ir = kernel_sass.triton_ir((64, 2, 1, 32, 128, 128), layers=2, programs=132)
+  assert set(re.findall(r"tt\.atomic_rmw (\w+), (\w+), gpu", ir)) == {("fadd", "relaxed"), ("add", "acq_rel")}
+  assert kernels._interpret() and kernels.PERSISTENT_PROGRAMS is None  # knobs restored
