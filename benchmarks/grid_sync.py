@@ -62,11 +62,8 @@ def _chain_kernel(meta_ref, w_ref, buf_in, flags_in, buf_ref, flags_ref, *, n: i
       kernels._wait(flags_ref, programs, epoch, counter)
     return w
 
-  # Mode "counter": calls alternate between counters 0 and 1 (by the parity of `base` / n, the
-  # call's number), and zero the other one for the next call, as kernels.decode_segment does.
-  counter = jax.lax.rem(jax.lax.div(base, n), 2) if mode == "counter" else None
-  if counter is not None and programs > 1:
-    pl.when(p == 0)(lambda: flags_ref.__setitem__(1 - counter, jnp.int32(0)))
+  # Mode "counter": the call's number is base / n (as in kernels.decode_segment, by its parity).
+  counter = kernels._call_counter(flags_ref, p, jax.lax.div(base, n)) if mode == "counter" and programs > 1 else None
   jax.lax.fori_loop(0, n, body, fetch(0) if prefetch else jnp.zeros((bn, d), F32))
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.segment_profile import VARIANTS  # noqa: E402
+from benchmarks import segment_profile  # noqa: E402
 from puzzle_jax import kernels  # noqa: E402
 
 OPS = {"BAR": r"\bBAR\.SYNC", "SHFL": r"\bSHFL\.", "FFMA": r"\bFFMA\b", "FADD": r"\bFADD\b", "LDG": r"\bLDG\.",
@@ -38,13 +38,8 @@ OPS = {"BAR": r"\bBAR\.SYNC", "SHFL": r"\bSHFL\.", "FFMA": r"\bFFMA\b", "FADD": 
 def triton_ir(shape: tuple, layers: int, programs: int) -> str:
   """The Triton IR (text) of `decode_segment` for one row at these shapes, lowered for CUDA."""
   from jax._src.pallas.triton import pallas_call_registration as reg
-  D, N, K, H, F, S = shape
-  S_, bf = jax.ShapeDtypeStruct, jnp.bfloat16
-  p = {"attn_norm_D": S_((layers, D), bf), "wqkv_ExD": S_((layers, (N + 2 * K) * H, D), bf),
-       "wo_DxA": S_((layers, D, N * H), bf), "ffn_norm_D": S_((layers, D), bf),
-       "wgu_2xFxD": S_((layers, 2, F, D), bf), "wd_DxF": S_((layers, D, F), bf)}
-  kv = {"k": S_((layers, 1, K, S, H), bf), "v": S_((layers, 1, K, S, H), bf)}
-  f32 = S_((1, H), jnp.float32)
+  N, K, S = shape[1], shape[2], shape[5]
+  p, kv, h, cos, sin, mask = jax.eval_shape(lambda: segment_profile.inputs(layers, *shape, S // 2))
   seen, lower = [], reg.lowering.lower_jaxpr_to_triton_module
 
   def spy(*args, **kw):
@@ -59,8 +54,8 @@ def triton_ir(shape: tuple, layers: int, programs: int) -> str:
     jax.clear_caches()  # knobs are not part of the lowering cache's key
     seg = lambda h, p, kv, fl, c, s, m, i: kernels.decode_segment(
         h, p, kv, fl, c, s, m, i, attn_kind="gqa", ffn_kind="swiglu", num_heads=N, num_kv_heads=K)
-    jax.jit(seg).trace(S_((1, D), bf), p, kv, S_((programs + 1,), jnp.int32), f32, f32, S_((1, S), jnp.int32),
-                       S_((), jnp.int32)).lower(lowering_platforms=("cuda",))
+    flags, index = jax.ShapeDtypeStruct((programs + 1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    jax.jit(seg).trace(h, p, kv, flags, cos, sin, mask, index).lower(lowering_platforms=("cuda",))
   finally:
     reg.lowering.lower_jaxpr_to_triton_module = lower
     kernels._interpret, kernels.PERSISTENT_PROGRAMS = saved
@@ -116,7 +111,7 @@ def main(argv=None) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     for warps in map(int, args.warps.split(",")):
       for name in args.variants.split(","):
-        skip, knobs = VARIANTS[name]
+        skip, knobs = segment_profile.VARIANTS[name]
         knobs = {**knobs, "PERSISTENT_WARPS": warps, "PROFILE_SKIP": frozenset(skip)}
         saved = {k: getattr(kernels, k) for k in knobs}
         for k, v in knobs.items():

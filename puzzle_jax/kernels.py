@@ -169,6 +169,14 @@ def _wait(flags_ref, programs: int, epoch, counter=None) -> None:
     plt.atomic_add(flags_ref, (flags_ref.shape[0] - 1,), 1)
 
 
+def _call_counter(flags_ref, p, call):
+  """BARRIER "counter": this call's counter (by the parity of its number, which grows by one per
+  call); program 0 zeroes the other one for the next call (nobody polls it during this call)."""
+  counter = jax.lax.rem(call, 2)
+  pl.when(p == 0)(lambda: flags_ref.__setitem__(1 - counter, jnp.int32(0)))
+  return counter
+
+
 _load_l2 = functools.partial(_load, l2=True)
 
 
@@ -701,9 +709,7 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
       for cols, _ in _pieces(r["hs"].shape[2]):
         r["hs"][buf, b, cols] = jnp.zeros((cols.size,), F32)
 
-  counter = jax.lax.rem(idx, 2) if BARRIER == "counter" else None
-  if counter is not None and programs > 1:  # the next call's counter (see the grid barrier)
-    pl.when(p == 0)(lambda: r["flags"].__setitem__(1 - counter, jnp.int32(0)))
+  counter = _call_counter(r["flags"], p, idx) if BARRIER == "counter" and programs > 1 else None
 
   def layer_body(layer, pre):
     for j, ph in enumerate(phases):
