@@ -138,5 +138,36 @@ case "${1:-}" in
       --impls persistent,persistent/PERSISTENT_PROGRAMS=264,persistent/PERSISTENT_PROGRAMS=396,pallas,xla \
       --out "$OUT/h200_decode_persistent_final.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q"; exit 2 ;;
+  r)  # session 5: every data load of a phase before its first CTA barrier; what HBM weight streaming costs
+    run timeout 200 python3 benchmarks/segment_profile.py --out "$OUT/h200_segment_s5.json" \
+      --variants "full,barriers only,qkv only,attention+o_proj only,ffn only,full layer-0 weights,barriers layer-0,full 8 warps"
+    run timeout 250 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 240 \
+      --impls persistent,pallas,xla --out "$OUT/h200_decode_s5.json"
+    ;;
+  s)  # session 5: the persistent kernel's per-phase timeline (SM clocks at every grid barrier)
+    run timeout 200 python3 benchmarks/segment_profile.py --timeline --variants "${VARIANTS:-full}" \
+      --out "$OUT/h200_timeline_s5${TAG:-}.json"
+    ;;
+  t)  # session 5: timelines of the knob settings, then end to end
+    run timeout 200 python3 benchmarks/segment_profile.py --timeline --out "$OUT/h200_timeline_s5${TAG:-}.json" \
+      --variants "${VARIANTS:-full,full 8 warps,full 8 warps attn 256}"  # session 5 defaults: 4 warps, 128 slots
+    run timeout 250 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 240 \
+      --impls "${IMPLS:-persistent,persistent/PERSISTENT_WARPS=8/PERSISTENT_ATTN_BLOCK=256,pallas}" \
+      --out "$OUT/h200_decode_s5${TAG:-}.json"
+    ;;
+  v)  # session 5: the attention's cache block loaded during the q/k/v phase vs at the barrier
+    run timeout 200 python3 benchmarks/segment_profile.py --timeline --out "$OUT/h200_timeline_s5_early.json" \
+      --variants "full,full kv at barrier,full 4 warps attn 128"
+    run timeout 250 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 240 \
+      --impls "persistent,persistent/PERSISTENT_EARLY_KV=0,pallas" --out "$OUT/h200_decode_s5_early.json"
+    ;;
+  u)  # session 5: end to end with the new defaults (auto = persistent at batch 1) and vs transformers
+    run timeout 200 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 190 \
+      --impls persistent,pallas,xla --out "$OUT/h200_decode_s5_final.json"
+    run timeout 330 python3 benchmarks/inference.py --device-size h100 --model smollm2-random --variants scan,unrolled \
+      --out "$OUT/h200_infer_smollm2_s5.json"
+    [ -n "${CHILD:-}" ] && run timeout 150 python3 benchmarks/decode_profile.py --model child --flags default \
+      --impls persistent,pallas,xla --timeout 140 --out "$OUT/h200_decode_child_s5.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v"; exit 2 ;;
 esac

@@ -35,7 +35,7 @@ OPS = {"BAR": r"\bBAR\.SYNC", "SHFL": r"\bSHFL\.", "FFMA": r"\bFFMA\b", "FADD": 
        "LDS": r"\bLDS\b", "STS": r"\bSTS\b", "RED/ATOM": r"\b(RED|REDG|ATOM|ATOMG)\."}
 
 
-def triton_ir(shape: tuple, layers: int, programs: int) -> str:
+def triton_ir(shape: tuple, layers: int, programs: int, timeline: bool = False) -> str:
   """The Triton IR (text) of `decode_segment` for one row at these shapes, lowered for CUDA."""
   from jax._src.pallas.triton import pallas_call_registration as reg
   N, K, S = shape[1], shape[2], shape[5]
@@ -53,7 +53,8 @@ def triton_ir(shape: tuple, layers: int, programs: int) -> str:
   try:
     jax.clear_caches()  # knobs are not part of the lowering cache's key
     seg = lambda h, p, kv, fl, c, s, m, i: kernels.decode_segment(
-        h, p, kv, fl, c, s, m, i, attn_kind="gqa", ffn_kind="swiglu", num_heads=N, num_kv_heads=K)
+        h, p, kv, fl, c, s, m, i, attn_kind="gqa", ffn_kind="swiglu", num_heads=N, num_kv_heads=K,
+        timeline=timeline)
     flags, index = jax.ShapeDtypeStruct((programs + 1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
     jax.jit(seg).trace(h, p, kv, flags, cos, sin, mask, index).lower(lowering_platforms=("cuda",))
   finally:

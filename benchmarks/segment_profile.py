@@ -5,6 +5,13 @@ work skipped (barriers kept; results then wrong: timing only), and under launch 
   python benchmarks/segment_profile.py --layers 30 --out results/segment_profile.json
 
 Rows: us per call (median of --runs jitted loops of --reps calls, divided by reps) and per layer.
+
+`--timeline`: for each variant that skips nothing, one more call of the whole kernel that reads
+each SM's clock at points of every phase (`decode_segment(timeline=True)`): its data in, half way,
+result, adds + release (arrived at the barrier), barrier (left it); printed as cycles since the
+program left the previous barrier, median over layers of the median program / the slowest. The
+clocks are read behind data dependences and gate what follows, so they sit close to those points;
+the reads add a little time (the arrive then waits for its atomic's reply).
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ VARIANTS = {  # name -> (skipped phase positions, knob settings); phases: qkv, a
     "ffn only": ((0, 1), {}),
     "ffn 8 rows": ((0, 1), {"PERSISTENT_FFN_ROWS": 8}),
     "full 8 warps": ((), {"PERSISTENT_WARPS": 8}),
+    "full 8 warps attn 256": ((), {"PERSISTENT_WARPS": 8, "PERSISTENT_ATTN_BLOCK": 256}),  # the whole cache prefetched
+    "full 4 warps attn 128": ((), {"PERSISTENT_WARPS": 4, "PERSISTENT_ATTN_BLOCK": 128}),  # session 4's setting
+    "full kv at barrier": ((), {"PERSISTENT_EARLY_KV": False}),  # the cache block loaded at the barrier
+    "full layer-0 weights": ((), {"PROFILE_LAYER0": True}),  # weights and cache from L2: no HBM streaming
+    "barriers layer-0": ((0, 1, 2), {"PROFILE_LAYER0": True}),
     "full 264 programs": ((), {"PERSISTENT_PROGRAMS": 264}),
     "full 264 programs 8 warps": ((), {"PERSISTENT_PROGRAMS": 264, "PERSISTENT_WARPS": 8}),
     "full 396 programs": ((), {"PERSISTENT_PROGRAMS": 396}),
@@ -51,6 +63,41 @@ def inputs(layers: int, D: int, N: int, K: int, H: int, F: int, S: int, idx: int
   return p, kv, w(1, D), jnp.cos(ang).repeat(2, 1), jnp.sin(ang).repeat(2, 1), (jnp.arange(S) < idx)[None]
 
 
+PHASES = ("qkv", "attention+o_proj", "ffn")
+
+
+SEGMENTS = ("data in", "half way", "result", "adds+release", "barrier")  # ends: points 2, 3, 4, 0, 1
+
+
+def timeline(p, kv, h, cos, sin, mask, idx: int, N: int, K: int, calls: int = 3) -> dict:
+  """Per phase, cycles from leaving the previous barrier to each timeline point of
+  `decode_segment(timeline=True)`, of the last of `calls` calls (the first ones compile and warm
+  up): median over layers of the median program and of the slowest."""
+  jax.clear_caches()  # the knobs are not part of the jit cache's keys
+  flags = kernels.sync_flags(kernels.persistent_programs())
+  seg = jax.jit(functools.partial(kernels.decode_segment, attn_kind="gqa", ffn_kind="swiglu", num_heads=N,
+                                  num_kv_heads=K, timeline=True), donate_argnums=(2,))
+  kv = jax.tree.map(jnp.copy, kv)
+  for i in range(calls):
+    t = time.perf_counter()
+    _, kv, flags, clk = jax.block_until_ready(seg(h, p, kv, flags, cos, sin, mask, jnp.int32(idx + i)))
+    wall_us = (time.perf_counter() - t) * 1e6
+  clk = np.asarray(clk).astype(np.int64)  # [P, 1 + layers * phases, points]
+  start = clk[:, :-1, 1]  # left the previous barrier (row 0: the program's start)
+  rows = clk[:, 1:]
+  total = float(np.median((clk[:, -1, 1] - clk[:, 0, 1]) % 2**32))
+  out = {"cycles_per_call": total, "wall_us_last_call": wall_us, "phases": {}}
+  print(f"timeline: {total:.0f} SM cycles per call (the last call: {wall_us:.0f} us wall); per phase, "
+        "cycles since leaving the previous barrier, median program / slowest:")
+  for j, name in enumerate(PHASES):
+    r, s0 = rows[:, j::len(PHASES)], start[:, j::len(PHASES)]  # [P, layers, points], [P, layers]
+    pts = {seg: (r[..., k] - s0) % 2**32 for seg, k in zip(SEGMENTS, (2, 3, 4, 0, 1)) if r[..., k].any()}
+    row = {seg: [float(np.median(np.median(v, 0))), float(np.median(v.max(0)))] for seg, v in pts.items()}
+    out["phases"][name] = row
+    print(f"  {name:18s} " + "  ".join(f"{seg} {m:6.0f}/{x:6.0f}" for seg, (m, x) in row.items()))
+  return out
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--layers", type=int, default=30)
@@ -59,6 +106,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--timeline", action="store_true", help="also the timeline of each variant that skips nothing")
   ap.add_argument("--out", default="")
   args = ap.parse_args(argv)
   D, N, K, H, F, S = map(int, args.shape.split(","))
@@ -93,6 +141,9 @@ def main(argv=None) -> dict:
       us = float(np.median(ts)) / args.reps * 1e6
       row = {"us_per_call": us, "us_per_layer": us / args.layers, "compile_s": first,
              "barrier_timeouts": int(kernels.sync_timeouts(state[2]))}
+      if args.timeline and not skip:
+        print(f"{name}:")
+        row["timeline"] = timeline(p, kv, h, cos, sin, mask, idx, N, K)
     except Exception as e:
       row = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
     finally:

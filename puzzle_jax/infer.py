@@ -59,6 +59,10 @@ CACHE_MULTIPLE = kernels.BLOCK_S  # cache slots are rounded up to this (whole ke
 # weights at ~2.9 TB/s and the kernels measured slower: BENCHMARKS.md).
 FUSED_MAX_BATCH = 1
 FUSED_MAX_HIDDEN = 2048
+# "auto" runs a persistent kernel only for runs of at least this many identical blocks: a kernel
+# costs ~5 us more to start than five kernels per block, and saves ~0.4 us per block (H200: the
+# 30-block SmolLM2 run 445 vs 458 us per token; a child with 14 runs of 1-5 blocks 313 vs 239 us).
+PERSISTENT_MIN_RUN = 12
 
 
 # ----------------------------------------------------------------------------- params
@@ -117,11 +121,12 @@ def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool = True
   """`model` params (HF layout) -> `InferParams`: cast, transposed, fused, runs stacked.
 
   `attn_impl`: "auto" (cuDNN on GPU where it applies, else XLA), "cudnn" or "xla".
-  `decode_impl`: "auto" ("pallas" on GPU for batches of at most FUSED_MAX_BATCH rows and
-  hidden sizes up to FUSED_MAX_HIDDEN, XLA otherwise), "pallas" (five kernels per block),
-  "persistent" (one Pallas kernel per run of identical blocks, grid barriers between phases; best
-  with `scan=True`, which stacks a run into one segment; measured no faster than "pallas" so far;
-  `generate` raises if one of its barrier waits timed out),
+  `decode_impl`: "auto" ("persistent" on GPU for batches of at most FUSED_MAX_BATCH rows and
+  hidden sizes up to FUSED_MAX_HIDDEN, for runs of at least PERSISTENT_MIN_RUN blocks, the five
+  kernels for shorter runs; XLA otherwise; `generate` decodes again with "pallas" if a barrier wait
+  timed out), "pallas" (five kernels per block), "persistent" (one Pallas kernel per
+  run of identical blocks, grid barriers between phases; best with `scan=True`, which stacks a run
+  into one segment; `generate` raises if one of its barrier waits timed out),
   both interpreted off-GPU (tests), or "xla". Blocks the kernels do not cover
   (biases, odd widths; parallel groups under "persistent") fall back: persistent -> pallas -> XLA.
   """
@@ -204,6 +209,7 @@ class _Ctx:
   masks: dict | None = None  # decode: {window: [B, S] keys the token may attend to}
   fused: bool = False  # decode: run blocks through the fused kernels where they apply
   persistent: bool = False  # decode: run whole segments as persistent kernels where they apply
+  min_run: int = 1  # decode, persistent: only runs of at least this many blocks (shorter: five kernels)
   kmasks: dict | None = None  # decode, fused: `masks` as int32 (what the attention kernel reads)
 
 
@@ -390,7 +396,8 @@ def _stack_apply(ip: InferParams, h_BxLxD, ctx: _Ctx, kvs: tuple | None, syncs: 
   new, new_syncs = [], []
   for seg, p, kv, flags in zip(ip.plan, ip.blocks, kvs, syncs):
     spec = ip.arch.blocks[seg.layers[0]]
-    if ctx.persistent and flags is not None and not seg.parallel and _persistent_ok(p, spec, ip.arch):
+    if (ctx.persistent and flags is not None and not seg.parallel and len(seg.layers) >= ctx.min_run
+        and _persistent_ok(p, spec, ip.arch)):
       h_BxLxD, kv, flags = _persistent_run(p, h_BxLxD, seg, ip, ctx, kv, flags)
     else:
       apply = _parallel if seg.parallel else _run
@@ -411,7 +418,9 @@ def _decode_mode(ip: InferParams, batch: int) -> str:
     return ip.decode_impl
   fast = (jax.default_backend() == "gpu" and batch <= FUSED_MAX_BATCH
           and ip.arch.hidden_size <= FUSED_MAX_HIDDEN and ip.dtype in (jnp.bfloat16, jnp.float16))
-  return "pallas" if fast else "xla"  # persistent: no faster on the H200 (468-525 vs 478 us; BENCHMARKS.md)
+  # persistent (8 warps, 256-slot attention steps): 414-445 vs 450-458 us per SmolLM2 step on the H200
+  # (BENCHMARKS.md); runs shorter than PERSISTENT_MIN_RUN blocks still take the five kernels
+  return "persistent" if fast else "xla"
 
 
 def _attn_impl(ip: InferParams) -> str:
@@ -506,7 +515,7 @@ def _decode_step(ip: InferParams, tok_B, cache: Cache) -> tuple[jax.Array, Cache
   fused = mode != "xla"
   kmasks = {w: m.astype(jnp.int32) for w, m in masks.items()} if fused else None
   ctx = _Ctx(cos, sin, decode=True, index=idx, masks=masks, fused=fused, persistent=mode == "persistent",
-             kmasks=kmasks)
+             min_run=PERSISTENT_MIN_RUN if ip.decode_impl == "auto" else 1, kmasks=kmasks)
   h, kvs, syncs = _stack_apply(ip, jnp.take(ip.embed_VxD, tok_B[:, None], axis=0), ctx, cache["layers"],
                                cache["sync"])
   new = {"layers": kvs, "sync": syncs, "index": idx + 1, "valid": valid, "next_pos": pos_B + 1}
@@ -581,7 +590,12 @@ def generate(ip: InferParams, tokens_BxL, mask_BxL=None, *, max_new_tokens: int,
   out, timeouts = _generate(ip, tokens, mask, key, max_new_tokens=int(max_new_tokens),
                             temperature=float(temperature), top_p=float(top_p),
                             stop_tokens=tuple(int(t) for t in stop_tokens))
-  if ip.decode_impl == "persistent" and int(timeouts):  # a host read only where barriers exist
+  if _decode_mode(ip, tokens.shape[0]) == "persistent" and int(timeouts):  # a host read only where barriers exist
+    if ip.decode_impl == "auto":  # chosen for speed, not asked for: decode again with the five kernels
+      warnings.warn(f"generate: {int(timeouts)} grid-barrier waits of the persistent decode kernel timed out "
+                    "(not all of its programs were resident on the GPU); decoded again with decode_impl='pallas'")
+      return generate(dataclasses.replace(ip, decode_impl="pallas"), tokens, mask, key=key,
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens)
     raise RuntimeError(
         f"generate: {int(timeouts)} grid-barrier waits of the persistent decode kernel timed out, so these "
         "tokens are wrong: not all of its programs were resident on the GPU at once (kernels.PERSISTENT_PROGRAMS "

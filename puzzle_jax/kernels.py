@@ -138,18 +138,19 @@ def sync_timeouts(flags: jax.Array) -> jax.Array:
   return flags[-1]
 
 
-def _arrive(flags_ref, p, epoch, counter=None) -> None:
-  """Program p is done with barrier `epoch` (flags), or adds itself to flags[counter]."""
+def _arrive(flags_ref, p, epoch, counter=None):
+  """Program p is done with barrier `epoch` (flags), or adds itself to flags[counter] -> the
+  word's old value (something a timer can wait for)."""
   from jax.experimental.pallas import triton as plt
   plt.debug_barrier()
   if counter is None:
-    plt.atomic_xchg(flags_ref, (p,), epoch)
-  else:
-    plt.atomic_add(flags_ref, (counter,), 1)
+    return plt.atomic_xchg(flags_ref, (p,), epoch)
+  return plt.atomic_add(flags_ref, (counter,), 1)
 
 
-def _wait(flags_ref, programs: int, epoch, counter=None) -> None:
-  """Spin until all `programs` arrived at barrier `epoch` (with a counter: the call's epoch-th)."""
+def _wait(flags_ref, programs: int, epoch, counter=None):
+  """Spin until all `programs` arrived at barrier `epoch` (with a counter: the call's epoch-th)
+  -> whether they did (False: timed out)."""
   from jax.experimental.pallas import triton as plt
   pp = max(pl.next_power_of_2(programs), 16)
   lanes = jnp.arange(pp)
@@ -167,6 +168,39 @@ def _wait(flags_ref, programs: int, epoch, counter=None) -> None:
   @pl.when(~done)
   def _():
     plt.atomic_add(flags_ref, (flags_ref.shape[0] - 1,), 1)
+
+  return done
+
+
+def _asm(asm: str, constraints: str, args: list, dtype):
+  """Elementwise inline PTX over same-shaped args (a scalar goes through a 1-element block)."""
+  from jax.experimental.pallas import triton as plt
+  shape = jnp.shape(args[0])
+  blocks = [jnp.broadcast_to(a, shape or (1,)) for a in args]
+  [y] = plt.elementwise_inline_asm(asm, args=blocks, constraints=constraints, pack=1,
+                                   result_shape_dtypes=[jax.ShapeDtypeStruct(shape or (1,), dtype)])
+  return y if shape else jnp.sum(y)
+
+
+def _clock(after) -> jax.Array:
+  """This SM's cycle counter (int32, wraps), read per element of `after` once it is known (the data
+  dependence keeps the read behind what produced it). 0 in the interpreter. Profiling only."""
+  if _interpret():
+    return jnp.zeros(jnp.shape(after), jnp.int32)
+  float_ = jnp.issubdtype(jnp.result_type(after), jnp.floating)
+  return _asm("mov.u32 $0, %clock;", "=r," + ("f" if float_ else "r"), [after], jnp.int32)
+
+
+def _gate(x, t):
+  """x, made to depend on clock readings t (NaN / 0 where t == 2**32 - 1: never in practice), so
+  that what uses x waits for the reading and the compiler cannot sink the reading past it."""
+  if _interpret():
+    return x
+  if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    return _asm("{ .reg .pred p; setp.eq.u32 p, $2, 4294967295; selp.f32 $0, 0f7FC00000, $1, p; }", "=f,f,r",
+                [x, t], jnp.float32)
+  return _asm("{ .reg .pred p; setp.eq.u32 p, $2, 4294967295; selp.b32 $0, 0, $1, p; }", "=r,r,r", [x, t],
+              jnp.int32)
 
 
 def _call_counter(flags_ref, p, call):
@@ -203,17 +237,24 @@ def _merged(o_ref, lse_ref, b, cols, m, dt):
   return _round(jnp.sum(wgt * o, axis=0) / jnp.sum(wgt, axis=0), dt)
 
 
-def _mv(x_at, g_at, w_at, tiles: list, pre: list, *, eps: float, d: int) -> list:
+def _mv(x_at, g_at, w_at, tiles: list, pre: list, *, eps: float, d: int, mark=lambda k, x: x,
+        loaded=None) -> list:
   """Per weight block, sum over column tiles of [norm](x) . w, in float32. `pre`: the weights of
   the first len(pre) tiles, already in flight. With a norm, sum(x^2) and the product of g * x with
-  the weight accumulate side by side and the 1/rms factor is applied at the end (one pass)."""
+  the weight accumulate side by side and the 1/rms factor is applied at the end (one pass).
+  Every x and g tile is loaded before any math: the reductions' CTA barriers would otherwise hold
+  a later tile's load back (a second memory round trip on the phase's critical path)."""
+  xs = [x_at(*tile) for tile in tiles]
+  if loaded is not None:
+    loaded()
+  xs[0] = mark(2, xs[0])  # timeline: the phase's data has arrived
+  gs = [g_at(*tile) for tile in tiles] if g_at is not None else [None] * len(tiles)
   acc, ss = None, 0.0
-  for k, tile in enumerate(tiles):
+  for k, (tile, x, g) in enumerate(zip(tiles, xs, gs)):
     ws = pre[k] if k < len(pre) else w_at(tile)
-    x = x_at(*tile)
-    if g_at is not None:
+    if g is not None:
       ss = ss + jnp.sum(x * x)
-      x = x * g_at(*tile)
+      x = x * g
     part = [jnp.sum(x[None, :] * w.astype(F32), axis=1) for w in ws]
     acc = part if acc is None else [a + q for a, q in zip(acc, part)]
   if g_at is not None:
@@ -355,7 +396,7 @@ def _attn_fetch(s: _AttnShape, r: _AttnRefs, b, n, c, layer):
   return _kv_block(s, r, b, n // (s.num_heads // s.num_kv), c, layer, 0, first=True)
 
 
-def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes=True):
+def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes=True, mark=lambda k, x: x):
   """Query head n of row b over cache chunk c (+ the new token in chunk 0): RoPE, the K/V write,
   online softmax -> (the chunk's normalized output halves, its log-sum-exp). `load` reads q/k/v;
   `pre`: the chunk's first block (`_attn_fetch`); `writes`: whether this program may write the
@@ -368,13 +409,14 @@ def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes
   def part(off):
     return load(r.qkv, (b, pl.ds(off, half))).astype(F32), load(r.qkv, (b, pl.ds(off + half, half))).astype(F32)
 
-  def rope(off):  # rotate-half, rounded to the activation dtype as model.apply_rope's output is
-    x1, x2 = part(off)
+  def rope(x1, x2):  # rotate-half, rounded to the activation dtype as model.apply_rope's output is
     return _round(x1 * cs - x2 * sn, dt), _round(x2 * cs + x1 * sn, dt)
 
-  q1, q2 = rope(n * H)
-  k1, k2 = rope((s.num_heads + kh) * H)
-  v1, v2 = (_round(v, dt) for v in part((s.num_heads + s.num_kv + kh) * H))
+  # q, k and v are all loaded before any math (one memory round trip on the critical path)
+  q, k, v = (part(off) for off in (n * H, (s.num_heads + kh) * H, (s.num_heads + s.num_kv + kh) * H))
+  q = mark(2, q[0]), q[1]  # timeline: the phase's data has arrived
+  (q1, q2), (k1, k2) = rope(*q), rope(*k)
+  v1, v2 = (_round(x, dt) for x in v)
 
   def write_kv():  # one program per kv head writes this token's K/V
     for ref, lo, hi in ((r.k_out, k1, k2), (r.v_out, v1, v2)):
@@ -400,6 +442,7 @@ def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes
   mine = (c == 0).astype(F32)
   carry = (jnp.where(c == 0, (jnp.sum(q1 * k1) + jnp.sum(q2 * k2)) * scale, -jnp.inf), mine, v1 * mine, v2 * mine)
   carry = attend(pre, carry)
+  carry = (*carry[:2], mark(3, carry[2]), carry[3])  # timeline: the first block is attended
   if s.chunk > s.block:
     todo = jnp.clip((idx - c * s.chunk + s.block - 1) // s.block, 1, s.chunk // s.block)
     carry = jax.lax.fori_loop(1, todo, lambda t, cr: attend(_kv_block(s, r, b, kh, c, layer, t), cr), carry)
@@ -475,14 +518,23 @@ def decode_attention(qkv_BxE: jax.Array, cos_BxH: jax.Array, sin_BxH: jax.Array,
 # FFN, linear sub-blocks) reads buffer t % 3, writes t + 1 (zeroed before; the FFN's item (b, 0)
 # adds the residual itself) and zeroes t + 2 (whose last reader was the flip before). Attention
 # reads no residual, so it adds in place. While waiting at a barrier each program already loads
-# what its next phase needs that does not depend on the phase before (weights, cached K/V).
-# Knobs (benchmarks/segment_profile.py sweeps them; H200, SmolLM2 shapes, us per layer vs 15.5-17.4):
+# what its next phase needs that does not depend on the phase before (weights, cached K/V); the
+# attention's cache block, its largest load, is issued earlier still, during the q/k/v phase.
+# Where the time goes (`decode_segment(timeline=True)`, benchmarks/segment_profile.py --timeline):
+# a phase's loads into registers arrive at ~18 bytes per SM cycle, so a barrier before a big
+# prefetch (attention 72 KB, FFN 55 KB per program) lasts that long, not the ~1,500 cycles of a
+# bare one; each phase's release (its adds reaching L2) takes another ~1,500.
+# Knobs (benchmarks/segment_profile.py sweeps them; H200, SmolLM2 shapes, us per layer: 13.5-14.0;
+# session 4's settings, 4 warps and 128-slot steps: 14.2-15.5):
 PERSISTENT_PROGRAMS: int | None = None  # None: one per SM (two per SM: 18.0; they must all be resident)
-PERSISTENT_WARPS = 4  # 8 warps: 16.0-16.8
-PERSISTENT_ATTN_BLOCK = BLOCK_S  # cache slots per attention step, the first loaded early (256: 19.3)
+PERSISTENT_WARPS = 8  # with 256-slot attention steps (with 4 warps those spill registers)
+PERSISTENT_ATTN_BLOCK = 256  # cache slots per attention step (the largest dividing S), the first loaded early
 PERSISTENT_FFN_ROWS: int | None = None  # None: fewest rows with one item per program (16; 32 spill: 25.1)
+PERSISTENT_EARLY_KV = True  # the cache block loaded during the q/k/v phase: 13.51 vs 13.69 at the barrier
 PERSISTENT_FFN_PIECES = True  # D in unmasked power-of-two pieces (576 = 512 + 64); one masked tile: slower
 PROFILE_SKIP: frozenset = frozenset()  # phase positions whose work is skipped (barriers kept): timing only
+PROFILE_LAYER0 = False  # every layer reads layer 0's weights and cache (L2-resident): timing only
+TIMELINE_POINTS = 5  # decode_segment(timeline=True): arrived, left, data in, half way, result
 
 
 def persistent_programs() -> int:
@@ -491,6 +543,15 @@ def persistent_programs() -> int:
   if _interpret():
     return 1
   return PERSISTENT_PROGRAMS or getattr(jax.devices()[0], "core_count", 0) or 108
+
+
+def _attn_block(S: int) -> int:
+  """Cache slots per persistent attention step: PERSISTENT_ATTN_BLOCK or less, dividing S (a
+  multiple of BLOCK_S) so that the steps cover the cache exactly."""
+  block = min(S, PERSISTENT_ATTN_BLOCK)
+  while S % block:
+    block //= 2
+  return block
 
 
 def _pieces(d: int) -> list:
@@ -550,6 +611,11 @@ class _At(NamedTuple):
   nxt: Any
   eps: float
   dt: Any  # activation dtype
+  stamp: Any = None  # timeline (profiling): stamp(k, x) records a clock once x is known, returns x gated on it
+  loaded: Any = None  # called once the phase's own data loads are issued (to issue more loads behind them)
+
+  def mark(self, k: int, x):
+    return x if self.stamp is None else self.stamp(k, x)
 
 
 def _split(item, blocks: int):
@@ -582,12 +648,13 @@ class _Matvec:
     rows = pl.ds(j * self.bn, self.bn)
     acc = _mv(lambda cols, m: _load_l2(r["hs"], (at.cur, b, cols), m),
               lambda cols, m: _load(r[self.norm], (at.layer, cols), m).astype(F32),
-              functools.partial(self._w, r, at.layer, j), _col_tiles(self.d, self.bd), pre, eps=at.eps, d=self.d)
+              functools.partial(self._w, r, at.layer, j), _col_tiles(self.d, self.bd), pre, eps=at.eps, d=self.d,
+              mark=at.mark, loaded=at.loaded)
     if self.flips:
       out, y = (at.nxt, b, rows), _mv_out(acc, False, at.dt, F32, _load_l2(r["hs"], (at.cur, b, rows)))
     else:
       out, y = (b, rows), _mv_out(acc, False, at.dt, at.dt, None)
-    ref = r["hs" if self.flips else "qkv"]
+    ref, y = r["hs" if self.flips else "qkv"], at.mark(4, y)
 
     def store():
       ref[out] = y.astype(ref.dtype)
@@ -617,18 +684,24 @@ class _AttnOut:
   def _refs(r: dict) -> _AttnRefs:
     return _AttnRefs(r["qkv"], r["cos"], r["sin"], r["mask"], r["k"], r["v"], r["k"], r["v"], None, None)
 
-  def fetch(self, r: dict, layer, item):
-    b, n, j = self._coords(item)
+  def fetch_kv(self, r: dict, layer, item):
+    b, n, _ = self._coords(item)
+    return _attn_fetch(self.shape, self._refs(r), b, n, jnp.int32(0), layer)
+
+  def fetch_w(self, r: dict, layer, item):
+    _, n, j = self._coords(item)
     H, half = self.shape.head_dim, self.shape.head_dim // 2
-    w = [_load(r["wo_DxA"], (layer, pl.ds(j * self.bo, self.bo), pl.ds(n * H + o, half))) for o in (0, half)]
-    return _attn_fetch(self.shape, self._refs(r), b, n, jnp.int32(0), layer), w
+    return [_load(r["wo_DxA"], (layer, pl.ds(j * self.bo, self.bo), pl.ds(n * H + o, half))) for o in (0, half)]
+
+  def fetch(self, r: dict, layer, item):
+    return self.fetch_kv(r, layer, item), self.fetch_w(r, layer, item)
 
   def run(self, r: dict, at: _At, item, pre, active) -> None:
     b, n, j = self._coords(item)
     kv, w = pre
     o1, o2, _ = _attn(self.shape, self._refs(r), b, n, jnp.int32(0), at.layer, at.idx, kv, load=_load_l2,
-                      writes=active & (j == 0))
-    y = sum(jnp.sum(wh.astype(F32) * _round(o, at.dt)[None, :], axis=1) for wh, o in zip(w, (o1, o2)))
+                      writes=active & (j == 0), mark=at.mark)
+    y = at.mark(4, sum(jnp.sum(wh.astype(F32) * _round(o, at.dt)[None, :], axis=1) for wh, o in zip(w, (o1, o2))))
     _when(active, lambda: _atomic_add(r["hs"], (at.cur, b, pl.ds(j * self.bo, self.bo)), y))
 
 
@@ -671,10 +744,11 @@ class _FFN:
 
     tiles = self._tiles()
     acc = _mv(x_at, lambda cols, m: _load(r["ffn_norm_D"], (at.layer, cols), m).astype(F32), None, tiles, gu,
-              eps=at.eps, d=self.d)
-    act = _mv_out(acc, True, at.dt, at.dt, None)
-    for (cols, m), w, x in zip(tiles, wd, xs):
+              eps=at.eps, d=self.d, mark=at.mark)
+    act = at.mark(3, _mv_out(acc, True, at.dt, at.dt, None))
+    for k, ((cols, m), w, x) in enumerate(zip(tiles, wd, xs)):
       y = jnp.sum(w.astype(F32) * act[None, :], axis=1) + jnp.where(j == 0, x, 0.0)
+      y = at.mark(4, y) if k == 0 else y
       _when(active, functools.partial(_atomic_add, r["hs"], (at.nxt, b, cols), y, mask=m))
 
 
@@ -687,6 +761,7 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
 
   def at(layer, j):
     t = layer * flips[-1] + flips[j]
+    layer = jnp.int32(0) if PROFILE_LAYER0 else layer
     return _At(layer, idx, jax.lax.rem(t, 3), jax.lax.rem(t + 1, 3), eps, dt), jax.lax.rem(t + 2, 3)
 
   def item(ph, rnd):
@@ -710,24 +785,52 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
         r["hs"][buf, b, cols] = jnp.zeros((cols.size,), F32)
 
   counter = _call_counter(r["flags"], p, idx) if BARRIER == "counter" and programs > 1 else None
+  clocks = r.get("clocks")  # timeline (profiling): SM clocks at points of every phase (see decode_segment)
+
+  def stamp(slot, k, x):
+    t = _clock(x)
+    clocks[p, slot, jnp.int32(k)] = jnp.max(t) if jnp.ndim(t) else t
+    return _gate(x, t)
+
+  if clocks is not None:
+    stamp(jnp.int32(0), 1, idx)
+
+  # The attention's first cache block (the phase's largest load) is issued during the q/k/v phase,
+  # behind that phase's own loads, instead of at the barrier before attention.
+  early_kv = (PERSISTENT_EARLY_KV and nph == 3 and isinstance(phases[0], _Matvec) and not phases[0].flips
+              and isinstance(phases[1], _AttnOut))
 
   def layer_body(layer, pre):
+    kv_box = []
     for j, ph in enumerate(phases):
       a, stale = at(layer, j)
+      slot = layer * nph + j + 1
+      if clocks is not None:
+        a = a._replace(stamp=functools.partial(stamp, slot))
+      if early_kv and j == 0:
+        a = a._replace(loaded=lambda a=a: kv_box or kv_box.append(
+            phases[1].fetch_kv(r, a.layer, item(phases[1], 0)[0])))
       if j not in PROFILE_SKIP:
         run(ph, a, pre)
       if ph.flips:
         pl.when(p == programs - 1)(functools.partial(zero, stale))
       epoch = (0 if counter is not None else base) + layer * nph + j + 1
-      if programs > 1:
-        _arrive(r["flags"], p, epoch, counter)
+      arrived = _arrive(r["flags"], p, epoch, counter) if programs > 1 else idx
+      if clocks is not None:  # the spin waits for the reading
+        epoch = _gate(epoch, stamp(slot, 0, arrived))
+      nxt = phases[(j + 1) % nph]
       nxt_layer = layer if j + 1 < nph else jnp.minimum(layer + 1, n_layers - 1)
-      pre = phases[(j + 1) % nph].fetch(r, nxt_layer, item(phases[(j + 1) % nph], 0)[0])
-      if programs > 1:
-        _wait(r["flags"], programs, epoch, counter)
+      nxt_layer = jnp.int32(0) if PROFILE_LAYER0 else nxt_layer
+      if kv_box and j == 0:
+        pre = kv_box[0], nxt.fetch_w(r, nxt_layer, item(nxt, 0)[0])
+      else:
+        pre = nxt.fetch(r, nxt_layer, item(nxt, 0)[0])
+      left = _wait(r["flags"], programs, epoch, counter) if programs > 1 else True
+      if clocks is not None:
+        stamp(slot, 1, jnp.asarray(left, jnp.int32))
     return pre
 
-  jax.lax.fori_loop(0, n_layers, layer_body, phases[0].fetch(r, 0, item(phases[0], 0)[0]))
+  jax.lax.fori_loop(0, n_layers, layer_body, phases[0].fetch(r, jnp.int32(0), item(phases[0], 0)[0]))
 
 
 def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs: int, batch: int, num_heads: int,
@@ -748,7 +851,7 @@ def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs
       raise ValueError(f"decode_segment: qkv {p['wqkv_ExD'].shape}, cache {kv['k'].shape}, heads "
                        f"{num_heads}/{num_kv_heads}: need E = (N + 2K) H, S % {BLOCK_S} == 0, H a power of two >= 32")
     bn = _row_block(E, per_item)
-    shape = _AttnShape(num_heads, K, H, S, min(S, PERSISTENT_ATTN_BLOCK), S)
+    shape = _AttnShape(num_heads, K, H, S, _attn_block(S), S)
     phases += [_Matvec("wqkv_ExD", "attn_norm_D", E, D, bn, _col_block(D, bn)),
                _AttnOut(shape, D, _row_block(D, max(per_item // num_heads, 1)))]
     ins.update({k: p[k] for k in ("attn_norm_D", "wqkv_ExD", "wo_DxA")})
@@ -768,8 +871,8 @@ def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs
 
 def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array, cos_BxH: jax.Array,
                    sin_BxH: jax.Array, mask_BxS: jax.Array | None, index, *, attn_kind: str, ffn_kind: str,
-                   num_heads: int, num_kv_heads: int = 0, eps: float = 1e-5
-                   ) -> tuple[jax.Array, dict | None, jax.Array]:
+                   num_heads: int, num_kv_heads: int = 0, eps: float = 1e-5, timeline: bool = False
+                   ) -> tuple:
   """A run of n identical decode blocks in one persistent kernel -> (h, kv, flags).
 
   h [B, D] (one token per row); `p`: the stacked block params of `puzzle_jax.infer` ([n, ...]:
@@ -779,6 +882,10 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
   (`sync_flags(persistent_programs())`, kept across steps; epochs derive from `index`, which must
   grow by one per call). Same results as n calls of the five-kernel block, except that the residual
   stream stays in float32 inside the run (projections are still rounded to the activation dtype).
+  `timeline` (profiling, GPU): also return int32 [P, n * phases + 1, TIMELINE_POINTS], each
+  program's SM clock per phase when it: arrived at the barrier, left it, had the phase's data,
+  was half way (attention: first cache block done; FFN: SiLU * up done), had the result (before
+  the adds / stores); row 0: its start in column 1. Zero where a phase has no such point.
   """
   if attn_kind not in ("gqa", "linear", "noop") or ffn_kind not in ("swiglu", "linear", "noop"):
     raise ValueError(f"decode_segment: no phases for attention {attn_kind!r} / FFN {ffn_kind!r}")
@@ -795,6 +902,8 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
   ins["meta"] = jnp.stack([index, index * (n * len(phases))])  # epochs of this call: base + 1 ...
   hs = jnp.zeros((3, B, D), F32).at[0].set(h_BxD.astype(F32))  # the residual buffers (see above)
   aliased = {"hs": hs, "flags": flags} | ({"k": kv["k"], "v": kv["v"]} if attn_kind == "gqa" else {})
+  if timeline:  # zeros where a phase has no such point
+    aliased["clocks"] = jnp.zeros((programs, n * len(phases) + 1, TIMELINE_POINTS), jnp.int32)
   in_names = tuple(ins) + tuple(f"{k}_in" for k in aliased)
   out_names = tuple(aliased) + tuple(scratch)
   out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in aliased.values()]
@@ -806,4 +915,5 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
                         interpret=_interpret(), compiler_params=_compiler_params(PERSISTENT_WARPS))(
       *ins.values(), *aliased.values())
   final = n * sum(ph.flips for ph in phases) % 3  # the buffer the last flip wrote
-  return outs[0][final].astype(h_BxD.dtype), ({"k": outs[2], "v": outs[3]} if attn_kind == "gqa" else kv), outs[1]
+  res = outs[0][final].astype(h_BxD.dtype), ({"k": outs[2], "v": outs[3]} if attn_kind == "gqa" else kv), outs[1]
+  return res + (outs[len(aliased) - 1],) if timeline else res

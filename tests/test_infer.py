@@ -148,6 +148,53 @@ def test_fused_decode_kernels_match(batch, impl, scan):
                                 np.asarray(infer.generate(xla, tokens, mask, max_new_tokens=8)))
 
 
+@pytest.mark.parametrize("max_len,prompt", [(384, 300), (512, 450)])
+def test_persistent_decode_long_cache(max_len, prompt):
+  """The persistent kernel's attention steps cover the whole cache: 256-slot steps where they
+  divide it (512: two, the second loaded in the loop), else 128 (384: three). Decode logits past
+  the first step equal XLA's."""
+  assert [kernels._attn_block(s) for s in (128, 256, 384, 512)] == [128, 256, 128, 256]
+  arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                      intermediate_size=128, head_dim=32)
+  params = model.init_params(jax.random.PRNGKey(0), arch)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, prompt + 2), 0, 64)
+  out = {}
+  for impl in ("persistent", "xla"):
+    ip = infer.prepare(arch, params, jnp.float32, decode_impl=impl)
+    _, cache = infer.prefill_cache(ip, tokens[:, :prompt], None, max_len=max_len)
+    steps = []
+    for t in range(prompt, prompt + 2):
+      logits, cache = infer.decode_step(ip, tokens[:, t], cache)
+      steps.append(np.asarray(logits))
+    out[impl] = np.stack(steps)
+  assert out["xla"].shape == (2, 1, 64)
+  np.testing.assert_allclose(out["persistent"], out["xla"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layers,persistent_kernels", [(2, 0), (3, 1)])
+def test_auto_decode_uses_persistent_kernels_for_long_runs_only(monkeypatch, layers, persistent_kernels):
+  """decode_impl="auto" where it picks the persistent kernel (the GPU, patched in here) runs it
+  only for runs of at least PERSISTENT_MIN_RUN identical blocks; shorter runs take the five
+  kernels (a persistent kernel's start costs more than it saves there). "persistent" asked for
+  explicitly runs it for every run."""
+  arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=layers, num_heads=2, num_kv_heads=1,
+                      intermediate_size=128, head_dim=32)
+  params = model.init_params(jax.random.PRNGKey(0), arch)
+  monkeypatch.setattr(infer, "PERSISTENT_MIN_RUN", 3)
+  monkeypatch.setattr(infer, "_decode_mode", lambda ip, batch: "persistent" if ip.decode_impl == "auto"
+                      else ip.decode_impl)
+  calls, segment = [], kernels.decode_segment
+  monkeypatch.setattr(kernels, "decode_segment", lambda *a, **k: calls.append(1) or segment(*a, **k))
+  for impl, want in (("auto", persistent_kernels), ("persistent", 1)):
+    ip = infer.prepare(arch, params, jnp.float32, decode_impl=impl)
+    _, cache = infer.prefill_cache(ip, jnp.ones((1, 4), jnp.int32), None, max_len=8)
+    calls.clear()
+    jax.clear_caches()
+    jax.eval_shape(infer.decode_step, ip, jnp.ones((1,), jnp.int32), cache)
+    assert len(calls) == want, (impl, layers, len(calls))
+  jax.clear_caches()
+
+
 def test_persistent_generate_raises_on_barrier_timeouts(monkeypatch):
   """A persistent kernel whose programs were not all resident (barrier waits gave up) decodes
   wrong tokens: generate says so instead of returning them. Timeouts are simulated here (the
@@ -161,6 +208,16 @@ def test_persistent_generate_raises_on_barrier_timeouts(monkeypatch):
   jax.clear_caches()
   with pytest.raises(RuntimeError, match="grid-barrier waits .* timed out"):
     infer.generate(ip, tokens, max_new_tokens=2)
+  # "auto" picks the persistent kernel on the GPU (patched in here): it decodes again with the five
+  # kernels instead, and says so.
+  auto = dataclasses.replace(ip, decode_impl="auto")
+  monkeypatch.setattr(infer, "_decode_mode", lambda ip, batch: "persistent" if ip.decode_impl == "auto"
+                      else ip.decode_impl)
+  jax.clear_caches()
+  with pytest.warns(UserWarning, match="decoded again with decode_impl='pallas'"):
+    got = infer.generate(auto, tokens, max_new_tokens=3)
+  np.testing.assert_array_equal(got, infer.generate(dataclasses.replace(ip, decode_impl="xla"), tokens,
+                                                    max_new_tokens=3))
   jax.clear_caches()
 
 

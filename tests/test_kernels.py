@@ -154,9 +154,12 @@ def test_segment_profile_benchmark_cpu_mode():
   """benchmarks/segment_profile.py off-GPU at tiny shapes: each variant runs and is timed."""
   from benchmarks import segment_profile
   res = segment_profile.main(["--layers", "2", "--shape", "64,2,1,32,128,128", "--reps", "1", "--runs", "1",
-                              "--variants", "full,barriers only"])
+                              "--variants", "full,barriers only", "--timeline"])
   assert all("error" not in r and r["us_per_call"] > 0 and r["barrier_timeouts"] == 0
              for r in res["rows"].values()), res["rows"]
+  # The interpreter has no SM clock: the timeline is there (full kernel only) and all zero.
+  assert "timeline" in res["rows"]["full"] and "timeline" not in res["rows"]["barriers only"]
+  assert res["rows"]["full"]["timeline"]["cycles_per_call"] == 0
 
 
 def test_kernel_sass_lowers_persistent_kernel_on_cpu():
@@ -167,4 +170,9 @@ def test_kernel_sass_lowers_persistent_kernel_on_cpu():
   from benchmarks import kernel_sass
   ir = kernel_sass.triton_ir((64, 2, 1, 32, 128, 128), layers=2, programs=132)
   assert set(re.findall(r"tt\.atomic_rmw (\w+), (\w+), gpu", ir)) == {("fadd", "relaxed"), ("add", "acq_rel")}
+  assert "%clock" not in ir
+  # The timeline build reads the SM clock at every point of every phase (inside the layer loop):
+  # start; per phase arrived, left, data in, result; attention and FFN also half way.
+  timed = kernel_sass.triton_ir((64, 2, 1, 32, 128, 128), layers=2, programs=132, timeline=True)
+  assert timed.count("mov.u32 $0, %clock;") == 1 + 3 * 4 + 2, timed.count("%clock")
   assert kernels._interpret() and kernels.PERSISTENT_PROGRAMS is None  # knobs restored
