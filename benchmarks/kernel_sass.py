@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--shape", default="576,9,3,64,1536,256", help="D,N,K,H,F,S")
   ap.add_argument("--layers", type=int, default=30)
   ap.add_argument("--programs", type=int, default=132)
-  ap.add_argument("--warps", default="4")
+  ap.add_argument("--warps", default=str(kernels.PERSISTENT_WARPS))
   ap.add_argument("--variants", default="full,barriers only,qkv only,attention+o_proj only,ffn only")
   ap.add_argument("--out", default="")
   args = ap.parse_args(argv)

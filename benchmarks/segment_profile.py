@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from puzzle_jax import kernels  # noqa: E402
 
+S4 = {"PERSISTENT_WARPS": 4, "PERSISTENT_ATTN_BLOCK": 128}  # session 4's settings
 VARIANTS = {  # name -> (skipped phase positions, knob settings); phases: qkv, attention+o_proj, FFN
     "full": ((), {}),
     "barriers only": ((0, 1, 2), {}),
@@ -39,15 +40,16 @@ VARIANTS = {  # name -> (skipped phase positions, knob settings); phases: qkv, a
     "ffn 8 rows": ((0, 1), {"PERSISTENT_FFN_ROWS": 8}),
     "full 8 warps": ((), {"PERSISTENT_WARPS": 8}),
     "full 8 warps attn 256": ((), {"PERSISTENT_WARPS": 8, "PERSISTENT_ATTN_BLOCK": 256}),  # the whole cache prefetched
-    "full 4 warps attn 128": ((), {"PERSISTENT_WARPS": 4, "PERSISTENT_ATTN_BLOCK": 128}),  # session 4's setting
+    "full 4 warps attn 128": ((), S4),
     "full kv at barrier": ((), {"PERSISTENT_EARLY_KV": False}),  # the cache block loaded at the barrier
     "full layer-0 weights": ((), {"PROFILE_LAYER0": True}),  # weights and cache from L2: no HBM streaming
     "barriers layer-0": ((0, 1, 2), {"PROFILE_LAYER0": True}),
-    "full 264 programs": ((), {"PERSISTENT_PROGRAMS": 264}),
+    # Two or three programs per SM (session 4, at its 4 warps and 128-slot steps; 8 warps do not fit twice)
+    "full 264 programs": ((), {"PERSISTENT_PROGRAMS": 264, **S4}),
     "full 264 programs 8 warps": ((), {"PERSISTENT_PROGRAMS": 264, "PERSISTENT_WARPS": 8}),
-    "full 396 programs": ((), {"PERSISTENT_PROGRAMS": 396}),
-    "ffn only 264 programs": ((0, 1), {"PERSISTENT_PROGRAMS": 264}),
-    "attention+o_proj only 264 programs": ((0, 2), {"PERSISTENT_PROGRAMS": 264}),
+    "full 396 programs": ((), {"PERSISTENT_PROGRAMS": 396, **S4}),
+    "ffn only 264 programs": ((0, 1), {"PERSISTENT_PROGRAMS": 264, **S4}),
+    "attention+o_proj only 264 programs": ((0, 2), {"PERSISTENT_PROGRAMS": 264, **S4}),
 }
 
 
