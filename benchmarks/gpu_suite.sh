@@ -150,7 +150,7 @@ case "${1:-}" in
     ;;
   t)  # session 5: timelines of the knob settings, then end to end
     run timeout 200 python3 benchmarks/segment_profile.py --timeline --out "$OUT/h200_timeline_s5${TAG:-}.json" \
-      --variants "${VARIANTS:-full,full 8 warps,full 8 warps attn 256}"  # session 5 defaults: 4 warps, 128 slots
+      --variants "${VARIANTS:-full,full 8 warps,full 8 warps attn 256}"  # run when "full" was 4 warps, 128 slots
     run timeout 250 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 240 \
       --impls "${IMPLS:-persistent,persistent/PERSISTENT_WARPS=8/PERSISTENT_ATTN_BLOCK=256,pallas}" \
       --out "$OUT/h200_decode_s5${TAG:-}.json"

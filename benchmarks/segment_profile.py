@@ -68,7 +68,9 @@ def inputs(layers: int, D: int, N: int, K: int, H: int, F: int, S: int, idx: int
 PHASES = ("qkv", "attention+o_proj", "ffn")
 
 
-SEGMENTS = ("data in", "half way", "result", "adds+release", "barrier")  # ends: points 2, 3, 4, 0, 1
+# Printed segment -> the timeline point (kernels.TIMELINE_POINTS) it ends at, in time order.
+SEGMENTS = {"data in": "data in", "half way": "half way", "result": "result", "adds+release": "arrived",
+            "barrier": "left"}
 
 
 def timeline(p, kv, h, cos, sin, mask, idx: int, N: int, K: int, calls: int = 3) -> dict:
@@ -85,15 +87,17 @@ def timeline(p, kv, h, cos, sin, mask, idx: int, N: int, K: int, calls: int = 3)
     _, kv, flags, clk = jax.block_until_ready(seg(h, p, kv, flags, cos, sin, mask, jnp.int32(idx + i)))
     wall_us = (time.perf_counter() - t) * 1e6
   clk = np.asarray(clk).astype(np.int64)  # [P, 1 + layers * phases, points]
-  start = clk[:, :-1, 1]  # left the previous barrier (row 0: the program's start)
+  left = kernels.TIMELINE_POINTS.index("left")
+  start = clk[:, :-1, left]  # left the previous barrier (row 0: the program's start)
   rows = clk[:, 1:]
-  total = float(np.median((clk[:, -1, 1] - clk[:, 0, 1]) % 2**32))
+  total = float(np.median((clk[:, -1, left] - clk[:, 0, left]) % 2**32))
   out = {"cycles_per_call": total, "wall_us_last_call": wall_us, "phases": {}}
   print(f"timeline: {total:.0f} SM cycles per call (the last call: {wall_us:.0f} us wall); per phase, "
         "cycles since leaving the previous barrier, median program / slowest:")
   for j, name in enumerate(PHASES):
     r, s0 = rows[:, j::len(PHASES)], start[:, j::len(PHASES)]  # [P, layers, points], [P, layers]
-    pts = {seg: (r[..., k] - s0) % 2**32 for seg, k in zip(SEGMENTS, (2, 3, 4, 0, 1)) if r[..., k].any()}
+    cols = {seg: kernels.TIMELINE_POINTS.index(point) for seg, point in SEGMENTS.items()}
+    pts = {seg: (r[..., k] - s0) % 2**32 for seg, k in cols.items() if r[..., k].any()}
     row = {seg: [float(np.median(np.median(v, 0))), float(np.median(v.max(0)))] for seg, v in pts.items()}
     out["phases"][name] = row
     print(f"  {name:18s} " + "  ".join(f"{seg} {m:6.0f}/{x:6.0f}" for seg, (m, x) in row.items()))

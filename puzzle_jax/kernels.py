@@ -247,7 +247,7 @@ def _mv(x_at, g_at, w_at, tiles: list, pre: list, *, eps: float, d: int, mark=la
   xs = [x_at(*tile) for tile in tiles]
   if loaded is not None:
     loaded()
-  xs[0] = mark(2, xs[0])  # timeline: the phase's data has arrived
+  xs[0] = mark("data in", xs[0])
   gs = [g_at(*tile) for tile in tiles] if g_at is not None else [None] * len(tiles)
   acc, ss = None, 0.0
   for k, (tile, x, g) in enumerate(zip(tiles, xs, gs)):
@@ -414,7 +414,7 @@ def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes
 
   # q, k and v are all loaded before any math (one memory round trip on the critical path)
   q, k, v = (part(off) for off in (n * H, (s.num_heads + kh) * H, (s.num_heads + s.num_kv + kh) * H))
-  q = mark(2, q[0]), q[1]  # timeline: the phase's data has arrived
+  q = mark("data in", q[0]), q[1]
   (q1, q2), (k1, k2) = rope(*q), rope(*k)
   v1, v2 = (_round(x, dt) for x in v)
 
@@ -442,7 +442,7 @@ def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes
   mine = (c == 0).astype(F32)
   carry = (jnp.where(c == 0, (jnp.sum(q1 * k1) + jnp.sum(q2 * k2)) * scale, -jnp.inf), mine, v1 * mine, v2 * mine)
   carry = attend(pre, carry)
-  carry = (*carry[:2], mark(3, carry[2]), carry[3])  # timeline: the first block is attended
+  carry = (*carry[:2], mark("half way", carry[2]), carry[3])  # timeline: the first block is attended
   if s.chunk > s.block:
     todo = jnp.clip((idx - c * s.chunk + s.block - 1) // s.block, 1, s.chunk // s.block)
     carry = jax.lax.fori_loop(1, todo, lambda t, cr: attend(_kv_block(s, r, b, kh, c, layer, t), cr), carry)
@@ -534,7 +534,7 @@ PERSISTENT_EARLY_KV = True  # the cache block loaded during the q/k/v phase: 13.
 PERSISTENT_FFN_PIECES = True  # D in unmasked power-of-two pieces (576 = 512 + 64); one masked tile: slower
 PROFILE_SKIP: frozenset = frozenset()  # phase positions whose work is skipped (barriers kept): timing only
 PROFILE_LAYER0 = False  # every layer reads layer 0's weights and cache (L2-resident): timing only
-TIMELINE_POINTS = 5  # decode_segment(timeline=True): arrived, left, data in, half way, result
+TIMELINE_POINTS = ("arrived", "left", "data in", "half way", "result")  # decode_segment(timeline=True) columns
 
 
 def persistent_programs() -> int:
@@ -611,11 +611,11 @@ class _At(NamedTuple):
   nxt: Any
   eps: float
   dt: Any  # activation dtype
-  stamp: Any = None  # timeline (profiling): stamp(k, x) records a clock once x is known, returns x gated on it
+  stamp: Any = None  # timeline (profiling): stamp(point, x) records a clock once x is known, returns x gated on it
   loaded: Any = None  # called once the phase's own data loads are issued (to issue more loads behind them)
 
-  def mark(self, k: int, x):
-    return x if self.stamp is None else self.stamp(k, x)
+  def mark(self, point: str, x):  # point: one of TIMELINE_POINTS
+    return x if self.stamp is None else self.stamp(point, x)
 
 
 def _split(item, blocks: int):
@@ -654,7 +654,7 @@ class _Matvec:
       out, y = (at.nxt, b, rows), _mv_out(acc, False, at.dt, F32, _load_l2(r["hs"], (at.cur, b, rows)))
     else:
       out, y = (b, rows), _mv_out(acc, False, at.dt, at.dt, None)
-    ref, y = r["hs" if self.flips else "qkv"], at.mark(4, y)
+    ref, y = r["hs" if self.flips else "qkv"], at.mark("result", y)
 
     def store():
       ref[out] = y.astype(ref.dtype)
@@ -701,7 +701,7 @@ class _AttnOut:
     kv, w = pre
     o1, o2, _ = _attn(self.shape, self._refs(r), b, n, jnp.int32(0), at.layer, at.idx, kv, load=_load_l2,
                       writes=active & (j == 0), mark=at.mark)
-    y = at.mark(4, sum(jnp.sum(wh.astype(F32) * _round(o, at.dt)[None, :], axis=1) for wh, o in zip(w, (o1, o2))))
+    y = at.mark("result", sum(jnp.sum(wh.astype(F32) * _round(o, at.dt)[None, :], axis=1) for wh, o in zip(w, (o1, o2))))
     _when(active, lambda: _atomic_add(r["hs"], (at.cur, b, pl.ds(j * self.bo, self.bo)), y))
 
 
@@ -745,10 +745,10 @@ class _FFN:
     tiles = self._tiles()
     acc = _mv(x_at, lambda cols, m: _load(r["ffn_norm_D"], (at.layer, cols), m).astype(F32), None, tiles, gu,
               eps=at.eps, d=self.d, mark=at.mark)
-    act = at.mark(3, _mv_out(acc, True, at.dt, at.dt, None))
+    act = at.mark("half way", _mv_out(acc, True, at.dt, at.dt, None))
     for k, ((cols, m), w, x) in enumerate(zip(tiles, wd, xs)):
       y = jnp.sum(w.astype(F32) * act[None, :], axis=1) + jnp.where(j == 0, x, 0.0)
-      y = at.mark(4, y) if k == 0 else y
+      y = at.mark("result", y) if k == 0 else y
       _when(active, functools.partial(_atomic_add, r["hs"], (at.nxt, b, cols), y, mask=m))
 
 
@@ -787,13 +787,13 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
   counter = _call_counter(r["flags"], p, idx) if BARRIER == "counter" and programs > 1 else None
   clocks = r.get("clocks")  # timeline (profiling): SM clocks at points of every phase (see decode_segment)
 
-  def stamp(slot, k, x):
+  def stamp(slot, point, x):
     t = _clock(x)
-    clocks[p, slot, jnp.int32(k)] = jnp.max(t) if jnp.ndim(t) else t
+    clocks[p, slot, jnp.int32(TIMELINE_POINTS.index(point))] = jnp.max(t) if jnp.ndim(t) else t
     return _gate(x, t)
 
   if clocks is not None:
-    stamp(jnp.int32(0), 1, idx)
+    stamp(jnp.int32(0), "left", idx)
 
   # The attention's first cache block (the phase's largest load) is issued during the q/k/v phase,
   # behind that phase's own loads, instead of at the barrier before attention.
@@ -817,7 +817,7 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
       epoch = (0 if counter is not None else base) + layer * nph + j + 1
       arrived = _arrive(r["flags"], p, epoch, counter) if programs > 1 else idx
       if clocks is not None:  # the spin waits for the reading
-        epoch = _gate(epoch, stamp(slot, 0, arrived))
+        epoch = _gate(epoch, stamp(slot, "arrived", arrived))
       nxt = phases[(j + 1) % nph]
       nxt_layer = layer if j + 1 < nph else jnp.minimum(layer + 1, n_layers - 1)
       nxt_layer = jnp.int32(0) if PROFILE_LAYER0 else nxt_layer
@@ -827,7 +827,7 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
         pre = nxt.fetch(r, nxt_layer, item(nxt, 0)[0])
       left = _wait(r["flags"], programs, epoch, counter) if programs > 1 else True
       if clocks is not None:
-        stamp(slot, 1, jnp.asarray(left, jnp.int32))
+        stamp(slot, "left", jnp.asarray(left, jnp.int32))
     return pre
 
   jax.lax.fori_loop(0, n_layers, layer_body, phases[0].fetch(r, jnp.int32(0), item(phases[0], 0)[0]))
@@ -882,7 +882,7 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
   (`sync_flags(persistent_programs())`, kept across steps; epochs derive from `index`, which must
   grow by one per call). Same results as n calls of the five-kernel block, except that the residual
   stream stays in float32 inside the run (projections are still rounded to the activation dtype).
-  `timeline` (profiling, GPU): also return int32 [P, n * phases + 1, TIMELINE_POINTS], each
+  `timeline` (profiling, GPU): also return int32 [P, n * phases + 1, len(TIMELINE_POINTS)], each
   program's SM clock per phase when it: arrived at the barrier, left it, had the phase's data,
   was half way (attention: first cache block done; FFN: SiLU * up done), had the result (before
   the adds / stores); row 0: its start in column 1. Zero where a phase has no such point.
@@ -903,7 +903,7 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
   hs = jnp.zeros((3, B, D), F32).at[0].set(h_BxD.astype(F32))  # the residual buffers (see above)
   aliased = {"hs": hs, "flags": flags} | ({"k": kv["k"], "v": kv["v"]} if attn_kind == "gqa" else {})
   if timeline:  # zeros where a phase has no such point
-    aliased["clocks"] = jnp.zeros((programs, n * len(phases) + 1, TIMELINE_POINTS), jnp.int32)
+    aliased["clocks"] = jnp.zeros((programs, n * len(phases) + 1, len(TIMELINE_POINTS)), jnp.int32)
   in_names = tuple(ins) + tuple(f"{k}_in" for k in aliased)
   out_names = tuple(aliased) + tuple(scratch)
   out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in aliased.values()]
