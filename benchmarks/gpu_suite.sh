@@ -169,5 +169,15 @@ case "${1:-}" in
     [ -n "${CHILD:-}" ] && run timeout 150 python3 benchmarks/decode_profile.py --model child --flags default \
       --impls persistent,pallas,xla --timeout 140 --out "$OUT/h200_decode_child_s5.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v"; exit 2 ;;
+  w)  # session 6: tagged q/k/v (no barrier before attention), 12-row FFN items, cached K/V read below
+      # the index; each turned back, then all (session 5's kernel); end to end; the auto path vs transformers
+    run timeout 200 python3 benchmarks/segment_profile.py --timeline --out "$OUT/h200_timeline_s6${TAG:-}.json" \
+      --variants "${VARIANTS:-full,full s5 defaults,full qkv barrier,full ffn 16 rows,full kv whole cache}"
+    run timeout 200 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 190 \
+      --impls "${IMPLS:-persistent,persistent/PERSISTENT_QKV_TAGS=0/PERSISTENT_FFN_ROWS=16/KV_UPTO_INDEX=0,pallas,pallas/KV_UPTO_INDEX=0,xla}" \
+      --out "$OUT/h200_decode_s6${TAG:-}.json"
+    [ -n "${INFER:-}" ] && run timeout 190 python3 benchmarks/inference.py --device-size h100 --model smollm2-random \
+      --variants scan --out "$OUT/h200_infer_smollm2_s6.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w"; exit 2 ;;
 esac

@@ -9,7 +9,8 @@ Rows: us per call (median of --runs jitted loops of --reps calls, divided by rep
 `--timeline`: for each variant that skips nothing, one more call of the whole kernel that reads
 each SM's clock at points of every phase (`decode_segment(timeline=True)`): its data in, half way,
 result, adds + release (arrived at the barrier), barrier (left it); printed as cycles since the
-program left the previous barrier, median over layers of the median program / the slowest. The
+program left the previous barrier (the attention's q/k/v arrive as tagged words, with no barrier
+before it: from the one before q/k/v), median over layers of the median program / the slowest. The
 clocks are read behind data dependences and gate what follows, so they sit close to those points;
 the reads add a little time (the arrive then waits for its atomic's reply).
 """
@@ -31,6 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from puzzle_jax import kernels  # noqa: E402
 
 S4 = {"PERSISTENT_WARPS": 4, "PERSISTENT_ATTN_BLOCK": 128}  # session 4's settings
+S5_KERNEL = {"PERSISTENT_QKV_TAGS": False, "PERSISTENT_FFN_ROWS": 16, "KV_UPTO_INDEX": False}  # session 5's kernel
 VARIANTS = {  # name -> (skipped phase positions, knob settings); phases: qkv, attention+o_proj, FFN
     "full": ((), {}),
     "barriers only": ((0, 1, 2), {}),
@@ -42,6 +44,11 @@ VARIANTS = {  # name -> (skipped phase positions, knob settings); phases: qkv, a
     "full 8 warps attn 256": ((), {"PERSISTENT_WARPS": 8, "PERSISTENT_ATTN_BLOCK": 256}),  # the whole cache prefetched
     "full 4 warps attn 128": ((), S4),
     "full kv at barrier": ((), {"PERSISTENT_EARLY_KV": False}),  # the cache block loaded at the barrier
+    # Session 6's defaults, each turned back (and all: session 5's kernel)
+    "full s5 defaults": ((), S5_KERNEL),
+    "full qkv barrier": ((), {"PERSISTENT_QKV_TAGS": False}),  # a grid barrier after q/k/v, not tagged words
+    "full ffn 16 rows": ((), {"PERSISTENT_FFN_ROWS": 16}),  # 96 FFN items of 16 rows, not 128 of 12
+    "full kv whole cache": ((), {"KV_UPTO_INDEX": False}),  # cached K/V read past the index too
     "full layer-0 weights": ((), {"PROFILE_LAYER0": True}),  # weights and cache from L2: no HBM streaming
     "barriers layer-0": ((0, 1, 2), {"PROFILE_LAYER0": True}),
     # Two or three programs per SM (session 4, at its 4 warps and 128-slot steps; 8 warps do not fit twice)
@@ -89,6 +96,8 @@ def timeline(p, kv, h, cos, sin, mask, idx: int, N: int, K: int, calls: int = 3)
   clk = np.asarray(clk).astype(np.int64)  # [P, 1 + layers * phases, points]
   left = kernels.TIMELINE_POINTS.index("left")
   start = clk[:, :-1, left]  # left the previous barrier (row 0: the program's start)
+  for c in range(1, start.shape[1]):  # a phase with no barrier before it counts from the one before
+    start[:, c] = np.where(start[:, c] == 0, start[:, c - 1], start[:, c])
   rows = clk[:, 1:]
   total = float(np.median((clk[:, -1, left] - clk[:, 0, left]) % 2**32))
   out = {"cycles_per_call": total, "wall_us_last_call": wall_us, "phases": {}}

@@ -56,6 +56,7 @@ ATTN_WARPS = 4
 MAX_PROGRAMS = 264  # matmul row blocks grow (8 -> 64 rows) until the grid fits one wave (H100: 132 SMs x 2)
 CHUNK_S = 64  # cache slots per attention program (the split-K grain)
 MAX_CHUNKS = 8  # at most this many chunks (the merge reads C x A values per output program)
+KV_UPTO_INDEX = True  # cached K/V read only below the current index (a growing cache: less traffic)
 
 
 def _interpret() -> bool:
@@ -165,11 +166,13 @@ def _wait(flags_ref, programs: int, epoch, counter=None):
   done, _ = jax.lax.while_loop(lambda c: ~c[0] & (c[1] < MAX_SPIN), lambda c: (passed(), c[1] + 1),
                                (passed(), jnp.int32(0)))
 
-  @pl.when(~done)
-  def _():
-    plt.atomic_add(flags_ref, (flags_ref.shape[0] - 1,), 1)
-
+  pl.when(~done)(lambda: _count_timeout(flags_ref))
   return done
+
+
+def _count_timeout(flags_ref) -> None:
+  """flags[-1] += 1: a wait gave up (results are wrong; `sync_timeouts` reports it)."""
+  _atomic_add(flags_ref, (jnp.int32(flags_ref.shape[0] - 1),), jnp.int32(1))
 
 
 def _asm(asm: str, constraints: str, args: list, dtype):
@@ -222,10 +225,15 @@ def _col_tiles(d: int, bd: int) -> list:
           for k in range(-(-d // bd))]
 
 
-def _mv_weights(w_ref, lead: tuple, firsts: tuple, bn: int, tile) -> list:
-  """Rows [f, f + bn) of the weight, for each f in `firsts`, on one column tile (stored dtype)."""
+def _mv_weights(w_ref, lead: tuple, firsts: tuple, bn: int, tile, rows: int | None = None) -> list:
+  """Rows [f, f + bn) of the weight, for each f in `firsts`, on one column tile (stored dtype);
+  with `rows` < bn only the first `rows` of them (the rest read as 0, without memory traffic)."""
   cols, m = tile
-  return [_load(w_ref, lead + (pl.ds(f, bn), cols), None if m is None else m[None, :]) for f in firsts]
+  m = None if m is None else m[None, :]
+  if rows is not None and rows < bn:
+    live = (jnp.arange(bn) < rows)[:, None]
+    m = live if m is None else live & m
+  return [_load(w_ref, lead + (pl.ds(f, bn), cols), m) for f in firsts]
 
 
 def _merged(o_ref, lse_ref, b, cols, m, dt):
@@ -378,42 +386,47 @@ def _when(cond, fn) -> None:
     pl.when(cond)(fn)
 
 
-def _kv_block(s: _AttnShape, r: _AttnRefs, b, kh, c, layer, t, first: bool = False):
+def _kv_block(s: _AttnShape, r: _AttnRefs, b, kh, c, layer, t, first: bool = False, idx=None):
   """Cache slots [c chunk + t block, + block) of kv head kh: K and V halves, their mask bits.
   Block 0 is loaded before the chunk's length is known, and a chunk may lie past the cache's end
-  (masked); later blocks are only visited below the current index."""
+  (masked); later blocks are only visited below the current index. With `idx`, slots at or after
+  it (never attended) are not read either: 0, without memory traffic."""
   half = s.head_dim // 2
   start = c * s.chunk + t * s.block
   sl, slots = pl.ds(start, s.block), start + jnp.arange(s.block)
   inside = (slots < s.num_slots) if first and s.chunk < s.num_slots else None
+  if idx is not None and KV_UPTO_INDEX:
+    inside = slots < idx if inside is None else inside & (slots < idx)
   kv = [_load(ref, (layer, b, kh, sl, pl.ds(o, half)), None if inside is None else inside[:, None]).astype(F32)
         for ref in (r.k, r.v) for o in (0, half)]
   return kv, _load(r.mask, (b, sl), inside, 0) != 0, slots
 
 
-def _attn_fetch(s: _AttnShape, r: _AttnRefs, b, n, c, layer):
-  """What a program can load before this token's q/k/v exist: its chunk's first cached block."""
-  return _kv_block(s, r, b, n // (s.num_heads // s.num_kv), c, layer, 0, first=True)
+def _attn_fetch(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx):
+  """What a program can load before this token's q/k/v exist: its chunk's first cached block
+  (below the current index)."""
+  return _kv_block(s, r, b, n // (s.num_heads // s.num_kv), c, layer, 0, first=True, idx=idx)
 
 
-def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes=True, mark=lambda k, x: x):
+def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes=True, mark=lambda k, x: x,
+          dt=None):
   """Query head n of row b over cache chunk c (+ the new token in chunk 0): RoPE, the K/V write,
-  online softmax -> (the chunk's normalized output halves, its log-sum-exp). `load` reads q/k/v;
-  `pre`: the chunk's first block (`_attn_fetch`); `writes`: whether this program may write the
-  token's K/V (the first query head of each kv group does, in chunk 0)."""
+  online softmax -> (the chunk's normalized output halves, its log-sum-exp). `load(ref, idxs)`
+  reads the q/k/v halves (float32); `pre`: the chunk's first block (`_attn_fetch`); `writes`:
+  whether this program may write the token's K/V (the first query head of each kv group does, in
+  chunk 0); dt: the activation dtype (default: q/k/v's)."""
   G, H, half = s.num_heads // s.num_kv, s.head_dim, s.head_dim // 2
   kh = n // G
-  dt = r.qkv.dtype
+  dt = dt or r.qkv.dtype
   cs, sn = r.cos[b, pl.ds(0, half)], r.sin[b, pl.ds(0, half)]
-
-  def part(off):
-    return load(r.qkv, (b, pl.ds(off, half))).astype(F32), load(r.qkv, (b, pl.ds(off + half, half))).astype(F32)
 
   def rope(x1, x2):  # rotate-half, rounded to the activation dtype as model.apply_rope's output is
     return _round(x1 * cs - x2 * sn, dt), _round(x2 * cs + x1 * sn, dt)
 
   # q, k and v are all loaded before any math (one memory round trip on the critical path)
-  q, k, v = (part(off) for off in (n * H, (s.num_heads + kh) * H, (s.num_heads + s.num_kv + kh) * H))
+  offs = (n * H, (s.num_heads + kh) * H, (s.num_heads + s.num_kv + kh) * H)
+  x = load(r.qkv, [(b, pl.ds(off + o, half)) for off in offs for o in (0, half)])
+  q, k, v = (x[0], x[1]), (x[2], x[3]), (x[4], x[5])
   q = mark("data in", q[0]), q[1]
   (q1, q2), (k1, k2) = rope(*q), rope(*k)
   v1, v2 = (_round(x, dt) for x in v)
@@ -445,7 +458,8 @@ def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes
   carry = (*carry[:2], mark("half way", carry[2]), carry[3])  # timeline: the first block is attended
   if s.chunk > s.block:
     todo = jnp.clip((idx - c * s.chunk + s.block - 1) // s.block, 1, s.chunk // s.block)
-    carry = jax.lax.fori_loop(1, todo, lambda t, cr: attend(_kv_block(s, r, b, kh, c, layer, t), cr), carry)
+    carry = jax.lax.fori_loop(1, todo, lambda t, cr: attend(_kv_block(s, r, b, kh, c, layer, t, idx=idx), cr),
+                              carry)
   m, l, o1, o2 = carry
   empty = l == 0.0  # a chunk with no visible slot: weight exp(-inf) = 0 in the merge
   inv = 1.0 / jnp.where(empty, 1.0, l)
@@ -457,8 +471,9 @@ def _attn_kernel(qkv_ref, cos_ref, sin_ref, mask_ref, meta_ref, k_in, v_in, o_re
   b, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   layer, idx = meta_ref[0], meta_ref[1]
   r = _AttnRefs(qkv_ref, cos_ref, sin_ref, mask_ref, k_in, v_in, k_ref, v_ref, o_ref, lse_ref)
-  pre = _attn_fetch(shape, r, b, n, c, layer)  # every load in flight before any math
-  o1, o2, lse = _attn(shape, r, b, n, c, layer, idx, pre, load=_load)
+  pre = _attn_fetch(shape, r, b, n, c, layer, idx)  # every load in flight before any math
+  o1, o2, lse = _attn(shape, r, b, n, c, layer, idx, pre, load=lambda ref, idxs: [_load(ref, i).astype(F32)
+                                                                                   for i in idxs])
   H, half = shape.head_dim, shape.head_dim // 2
   for ref, lo, hi in ((o_ref, o1, o2), (lse_ref, lse, lse)):
     ref[b, c, pl.ds(n * H, half)] = jnp.broadcast_to(lo, (half,)).astype(ref.dtype)
@@ -516,8 +531,11 @@ def decode_attention(qkv_BxE: jax.Array, cos_BxH: jax.Array, sin_BxH: jax.Array,
 # Split-K shares are summed by float32 atomics, so the residual stream lives in float32 scratch,
 # three buffers in rotation. A phase that reads the whole residual and adds to it ("flips": the
 # FFN, linear sub-blocks) reads buffer t % 3, writes t + 1 (zeroed before; the FFN's item (b, 0)
-# adds the residual itself) and zeroes t + 2 (whose last reader was the flip before). Attention
-# reads no residual, so it adds in place. While waiting at a barrier each program already loads
+# adds the residual itself) and zeroes t + 2 (whose last reader was the flip before). In bf16,
+# phase 1 stores q/k/v as tagged words (`_poll_tagged`) and has no barrier after it: an attention
+# item polls the rows of its head, and as a slow program may still be reading the residual, the
+# attention flips too (head 0's items add the residual rows). Otherwise (float32 activations) a
+# barrier follows phase 1 and attention adds in place. While waiting at a barrier each program already loads
 # what its next phase needs that does not depend on the phase before (weights, cached K/V); the
 # attention's cache block, its largest load, is issued earlier still, during the q/k/v phase.
 # Where the time goes (`decode_segment(timeline=True)`, benchmarks/segment_profile.py --timeline):
@@ -529,8 +547,9 @@ def decode_attention(qkv_BxE: jax.Array, cos_BxH: jax.Array, sin_BxH: jax.Array,
 PERSISTENT_PROGRAMS: int | None = None  # None: one per SM (two per SM: 18.0; they must all be resident)
 PERSISTENT_WARPS = 8  # with 256-slot attention steps (with 4 warps those spill registers)
 PERSISTENT_ATTN_BLOCK = 256  # cache slots per attention step (the largest dividing S), the first loaded early
-PERSISTENT_FFN_ROWS: int | None = None  # None: fewest rows with one item per program (16; 32 spill: 25.1)
+PERSISTENT_FFN_ROWS: int | None = None  # None: `_ffn_rows` (SmolLM2: 12 in 16-row tiles; 32 rows spill: 25.1)
 PERSISTENT_EARLY_KV = True  # the cache block loaded during the q/k/v phase: 13.51 vs 13.69 at the barrier
+PERSISTENT_QKV_TAGS = True  # bf16 q/k/v as tagged words: no grid barrier between q/k/v and attention
 PERSISTENT_FFN_PIECES = True  # D in unmasked power-of-two pieces (576 = 512 + 64); one masked tile: slower
 PROFILE_SKIP: frozenset = frozenset()  # phase positions whose work is skipped (barriers kept): timing only
 PROFILE_LAYER0 = False  # every layer reads layer 0's weights and cache (L2-resident): timing only
@@ -603,6 +622,38 @@ def _atomic_add(ref, idx: tuple, val, mask=None) -> None:
   _relaxed_add_p().bind(*args, args_tree=tree)
 
 
+# Tagged q/k/v (PERSISTENT_QKV_TAGS): each bf16 q/k/v value is stored with a 16-bit tag of its
+# layer in one 32-bit word (the value's float32 bits, whose low half is zero for a bf16 value, or
+# the tag). A reader polls the words it needs until all carry the layer's tag: a single-copy
+# atomic word needs no release fence, so the q/k/v phase ends without a grid barrier, and each
+# attention item waits only for the programs that computed its head's rows.
+def _tag_of(n):
+  """A layer's tag from a number unique to it in this call and the next (never 0: the buffer
+  starts zeroed)."""
+  return jax.lax.rem(n, 65535) + 1
+
+
+def _tagged(y, tag):
+  """float32 values that are exact in bf16 -> words carrying `tag`."""
+  return jax.lax.bitwise_or(jax.lax.bitcast_convert_type(y, jnp.int32) & -65536, tag)
+
+
+def _poll_tagged(ref, idxs: list, tag, flags_ref) -> list:
+  """The words at idxs once all carry `tag` -> their float32 values. A poll that spins past
+  MAX_SPIN counts a timeout in flags[-1] (as a barrier wait does) and returns what it read."""
+  def once():
+    ws = [_load_l2(ref, i) for i in idxs]
+    return ws, sum(jnp.sum(((w & 0xFFFF) != tag).astype(jnp.int32)) for w in ws)
+
+  def more(c):
+    return (*once(), c[2] + 1)
+
+  ws, missing, _ = jax.lax.while_loop(lambda c: (c[1] > 0) & (c[2] < MAX_SPIN), more, (*once(), jnp.int32(0)))
+
+  pl.when(missing > 0)(lambda: _count_timeout(flags_ref))
+  return [jax.lax.bitcast_convert_type(w & -65536, F32) for w in ws]
+
+
 class _At(NamedTuple):
   """Where a phase runs: layer, cache index, residual buffers (read/added in place, next)."""
   layer: Any
@@ -611,6 +662,7 @@ class _At(NamedTuple):
   nxt: Any
   eps: float
   dt: Any  # activation dtype
+  tag: Any = None  # this layer's q/k/v tag (PERSISTENT_QKV_TAGS)
   stamp: Any = None  # timeline (profiling): stamp(point, x) records a clock once x is known, returns x gated on it
   loaded: Any = None  # called once the phase's own data loads are issued (to issue more loads behind them)
 
@@ -633,6 +685,7 @@ class _Matvec:
   bn: int
   bd: int
   flips: bool = False
+  tagged: bool = False  # q/k/v stored as tagged words (no barrier after this phase)
 
   def items(self, batch: int) -> int:
     return batch * (self.n // self.bn)
@@ -657,7 +710,7 @@ class _Matvec:
     ref, y = r["hs" if self.flips else "qkv"], at.mark("result", y)
 
     def store():
-      ref[out] = y.astype(ref.dtype)
+      ref[out] = _tagged(y, at.tag) if self.tagged else y.astype(ref.dtype)
 
     _when(active, store)
 
@@ -671,7 +724,8 @@ class _AttnOut:
   shape: _AttnShape
   d: int
   bo: int
-  flips = False
+  tagged: bool = False  # q/k/v read as tagged words: then the adds go to the next residual buffer
+  flips: bool = False  # (with the residual, from head 0), as slow programs may still read this one
 
   def items(self, batch: int) -> int:
     return batch * self.shape.num_heads * (self.d // self.bo)
@@ -686,7 +740,7 @@ class _AttnOut:
 
   def fetch_kv(self, r: dict, layer, item):
     b, n, _ = self._coords(item)
-    return _attn_fetch(self.shape, self._refs(r), b, n, jnp.int32(0), layer)
+    return _attn_fetch(self.shape, self._refs(r), b, n, jnp.int32(0), layer, r["meta"][0])
 
   def fetch_w(self, r: dict, layer, item):
     _, n, j = self._coords(item)
@@ -699,17 +753,27 @@ class _AttnOut:
   def run(self, r: dict, at: _At, item, pre, active) -> None:
     b, n, j = self._coords(item)
     kv, w = pre
-    o1, o2, _ = _attn(self.shape, self._refs(r), b, n, jnp.int32(0), at.layer, at.idx, kv, load=_load_l2,
-                      writes=active & (j == 0), mark=at.mark)
+    rows = pl.ds(j * self.bo, self.bo)
+    res = jnp.where(n == 0, _load_l2(r["hs"], (at.cur, b, rows)), 0.0) if self.flips else None
+
+    def load(ref, idxs):
+      if self.tagged:
+        return _poll_tagged(ref, idxs, at.tag, r["flags"])
+      return [_load_l2(ref, i).astype(F32) for i in idxs]
+
+    o1, o2, _ = _attn(self.shape, self._refs(r), b, n, jnp.int32(0), at.layer, at.idx, kv, load=load,
+                      writes=active & (j == 0), mark=at.mark, dt=at.dt)
     y = at.mark("result", sum(jnp.sum(wh.astype(F32) * _round(o, at.dt)[None, :], axis=1) for wh, o in zip(w, (o1, o2))))
-    _when(active, lambda: _atomic_add(r["hs"], (at.cur, b, pl.ds(j * self.bo, self.bo)), y))
+    y = y if res is None else y + res
+    _when(active, lambda: _atomic_add(r["hs"], (at.nxt if self.flips else at.cur, b, rows), y))
 
 
 @dataclasses.dataclass(frozen=True)
 class _FFN:
   """SwiGLU for one block of bf FFN rows: RMSNorm, gate/up, SiLU(gate) * up, then the block's
   columns of the down projection added to the next residual buffer (item (b, 0) adds the residual
-  too). Every weight of the item is loaded before the barrier, in `_pieces` of D."""
+  too). Every weight of the item is loaded before the barrier, in `_pieces` of D. bf need not be
+  a power of two: the tiles have `rows` (the next one) rows, the extra ones masked (zero)."""
   d: int
   f: int
   bf: int
@@ -722,12 +786,18 @@ class _FFN:
   def items(self, batch: int) -> int:
     return batch * (self.f // self.bf)
 
+  @property
+  def rows(self) -> int:
+    return pl.next_power_of_2(self.bf)
+
   def _gu(self, r: dict, layer, j, tile):
-    return _mv_weights(r["wgu_2xFxD"], (layer,), (j * self.bf, self.f + j * self.bf), self.bf, tile)
+    return _mv_weights(r["wgu_2xFxD"], (layer,), (j * self.bf, self.f + j * self.bf), self.rows, tile, self.bf)
 
   def _down(self, r: dict, layer, j):
-    return [_load(r["wd_DxF"], (layer, cols, pl.ds(j * self.bf, self.bf)), None if m is None else m[:, None])
-            for cols, m in self._tiles()]
+    live = (jnp.arange(self.rows) < self.bf)[None, :] if self.rows > self.bf else None
+    masks = [live if m is None else (m[:, None] if live is None else m[:, None] & live) for _, m in self._tiles()]
+    return [_load(r["wd_DxF"], (layer, cols, pl.ds(j * self.bf, self.rows)), mm)
+            for (cols, _), mm in zip(self._tiles(), masks)]
 
   def fetch(self, r: dict, layer, item):
     j = _split(item, self.f // self.bf)[1]
@@ -758,11 +828,14 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
   p = pl.program_id(0)
   idx, base = r["meta"][0], r["meta"][1]
   nph, flips = len(phases), [sum(ph.flips for ph in phases[:j]) for j in range(len(phases) + 1)]
+  synced = [not (isinstance(ph, _Matvec) and ph.tagged) for ph in phases]  # a grid barrier after the phase
+  bars = [sum(synced[:j + 1]) for j in range(nph)]  # barriers in a layer up to and with phase j
 
   def at(layer, j):
     t = layer * flips[-1] + flips[j]
+    tag = _tag_of(base + layer)
     layer = jnp.int32(0) if PROFILE_LAYER0 else layer
-    return _At(layer, idx, jax.lax.rem(t, 3), jax.lax.rem(t + 1, 3), eps, dt), jax.lax.rem(t + 2, 3)
+    return _At(layer, idx, jax.lax.rem(t, 3), jax.lax.rem(t + 1, 3), eps, dt, tag), jax.lax.rem(t + 2, 3)
 
   def item(ph, rnd):
     i = p + rnd * programs
@@ -814,9 +887,10 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
         run(ph, a, pre)
       if ph.flips:
         pl.when(p == programs - 1)(functools.partial(zero, stale))
-      epoch = (0 if counter is not None else base) + layer * nph + j + 1
-      arrived = _arrive(r["flags"], p, epoch, counter) if programs > 1 else idx
-      if clocks is not None:  # the spin waits for the reading
+      sync = synced[j] and programs > 1
+      epoch = (0 if counter is not None else base) + layer * bars[-1] + bars[j]
+      arrived = _arrive(r["flags"], p, epoch, counter) if sync else idx
+      if clocks is not None and sync:  # the spin waits for the reading
         epoch = _gate(epoch, stamp(slot, "arrived", arrived))
       nxt = phases[(j + 1) % nph]
       nxt_layer = layer if j + 1 < nph else jnp.minimum(layer + 1, n_layers - 1)
@@ -825,17 +899,27 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
         pre = kv_box[0], nxt.fetch_w(r, nxt_layer, item(nxt, 0)[0])
       else:
         pre = nxt.fetch(r, nxt_layer, item(nxt, 0)[0])
-      left = _wait(r["flags"], programs, epoch, counter) if programs > 1 else True
-      if clocks is not None:
+      left = _wait(r["flags"], programs, epoch, counter) if sync else True
+      if clocks is not None and sync:
         stamp(slot, "left", jnp.asarray(left, jnp.int32))
     return pre
 
   jax.lax.fori_loop(0, n_layers, layer_body, phases[0].fetch(r, jnp.int32(0), item(phases[0], 0)[0]))
 
 
+def _ffn_rows(f: int, programs: int) -> int:
+  """FFN rows per persistent item: `_row_block`'s power of two, or fewer rows in tiles of that
+  size (masked) when that spreads the FFN over more programs (SmolLM2: 12 rows x 128 programs,
+  not 16 x 96): each program's share of the weights, which it streams at a barrier, shrinks."""
+  bf = _row_block(f, programs)
+  fewer = [r for r in range(bf // 2 + 1, bf) if f % r == 0 and f // r <= programs]
+  return min(fewer) if fewer else bf
+
+
 def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs: int, batch: int, num_heads: int,
-            num_kv_heads: int) -> tuple[list, dict, dict]:
-  """A block's phases, the weights they read (by name) and their scratch {name: (shape, dtype)}."""
+            num_kv_heads: int, dtype) -> tuple[list, dict, dict]:
+  """A block's phases, the weights they read (by name) and their scratch {name: shape} (q/k/v:
+  the activation dtype, or int32 tagged words, zeroed, where PERSISTENT_QKV_TAGS applies: bf16)."""
   n, D = p["attn_norm_D"].shape if "attn_norm_D" in p else p["ffn_norm_D"].shape
   per_item = max(programs // batch, 1)
 
@@ -852,8 +936,9 @@ def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs
                        f"{num_heads}/{num_kv_heads}: need E = (N + 2K) H, S % {BLOCK_S} == 0, H a power of two >= 32")
     bn = _row_block(E, per_item)
     shape = _AttnShape(num_heads, K, H, S, _attn_block(S), S)
-    phases += [_Matvec("wqkv_ExD", "attn_norm_D", E, D, bn, _col_block(D, bn)),
-               _AttnOut(shape, D, _row_block(D, max(per_item // num_heads, 1)))]
+    tags = PERSISTENT_QKV_TAGS and jnp.dtype(dtype) == jnp.bfloat16
+    phases += [_Matvec("wqkv_ExD", "attn_norm_D", E, D, bn, _col_block(D, bn), tagged=tags),
+               _AttnOut(shape, D, _row_block(D, max(per_item // num_heads, 1)), tagged=tags, flips=tags)]
     ins.update({k: p[k] for k in ("attn_norm_D", "wqkv_ExD", "wo_DxA")})
     scratch["qkv"] = (batch, E)
   elif attn_kind == "linear":
@@ -861,7 +946,7 @@ def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs
     ins.update({k: p[k] for k in ("attn_norm_D", "wa_DxD")})
   if ffn_kind == "swiglu":
     F = p["wd_DxF"].shape[2]
-    phases.append(_FFN(D, F, PERSISTENT_FFN_ROWS or _row_block(F, per_item), PERSISTENT_FFN_PIECES))
+    phases.append(_FFN(D, F, PERSISTENT_FFN_ROWS or _ffn_rows(F, per_item), PERSISTENT_FFN_PIECES))
     ins.update(ffn_norm_D=p["ffn_norm_D"], wgu_2xFxD=p["wgu_2xFxD"].reshape(n, 2 * F, D), wd_DxF=p["wd_DxF"])
   elif ffn_kind == "linear":
     phases.append(linear("wf_DxD", "ffn_norm_D"))
@@ -895,13 +980,15 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
   n = next(iter(p.values())).shape[0]
   programs = flags.shape[0] - 1
   phases, ins, scratch = _phases(attn_kind, ffn_kind, p, kv, programs=programs, batch=B, num_heads=num_heads,
-                                 num_kv_heads=num_kv_heads)
+                                 num_kv_heads=num_kv_heads, dtype=h_BxD.dtype)
   if attn_kind == "gqa":
     ins.update(cos=cos_BxH.astype(F32), sin=sin_BxH.astype(F32), mask=mask_BxS.astype(jnp.int32))
   index = jnp.asarray(index, jnp.int32)
   ins["meta"] = jnp.stack([index, index * (n * len(phases))])  # epochs of this call: base + 1 ...
   hs = jnp.zeros((3, B, D), F32).at[0].set(h_BxD.astype(F32))  # the residual buffers (see above)
   aliased = {"hs": hs, "flags": flags} | ({"k": kv["k"], "v": kv["v"]} if attn_kind == "gqa" else {})
+  if any(getattr(ph, "tagged", False) for ph in phases):  # tagged words start at 0 (no layer's tag)
+    aliased["qkv"] = jnp.zeros(scratch.pop("qkv"), jnp.int32)
   if timeline:  # zeros where a phase has no such point
     aliased["clocks"] = jnp.zeros((programs, n * len(phases) + 1, len(TIMELINE_POINTS)), jnp.int32)
   in_names = tuple(ins) + tuple(f"{k}_in" for k in aliased)

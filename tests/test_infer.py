@@ -171,6 +171,30 @@ def test_persistent_decode_long_cache(max_len, prompt):
   np.testing.assert_allclose(out["persistent"], out["xla"], rtol=1e-4, atol=1e-4)
 
 
+def test_persistent_ffn_rows_spread_over_programs(monkeypatch):
+  """FFN items need not be powers of two: 1536 rows over 132 SMs are 128 items of 12 rows (16-row
+  tiles, 4 masked) instead of 96 of 16. Interpreted with 12-row items over a 96-wide FFN (8 items
+  in 16-row tiles; the last tile runs past the gate rows into the up rows and past the array's
+  end, masked): decode logits equal XLA's."""
+  assert kernels._ffn_rows(1536, 132) == 12 and kernels._ffn_rows(14336, 132) == 64
+  assert kernels._ffn_rows(1536, 1) == kernels._row_block(1536, 1)
+  monkeypatch.setattr(kernels, "PERSISTENT_FFN_ROWS", 12)
+  arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                      intermediate_size=96, head_dim=32)
+  params = model.init_params(jax.random.PRNGKey(0), arch)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 10), 0, 64)
+  out = {}
+  for impl in ("persistent", "xla"):
+    ip = infer.prepare(arch, params, jnp.float32, decode_impl=impl)
+    _, cache = infer.prefill_cache(ip, tokens[:, :8], None, max_len=128)
+    steps = []
+    for t in (8, 9):
+      logits, cache = infer.decode_step(ip, tokens[:, t], cache)
+      steps.append(np.asarray(logits))
+    out[impl] = np.stack(steps)
+  np.testing.assert_allclose(out["persistent"], out["xla"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("layers,persistent_kernels", [(2, 0), (3, 1)])
 def test_auto_decode_uses_persistent_kernels_for_long_runs_only(monkeypatch, layers, persistent_kernels):
   """decode_impl="auto" where it picks the persistent kernel (the GPU, patched in here) runs it
@@ -264,3 +288,35 @@ def test_decode_profile_cpu_mode_agrees(tmp_path):
     assert check["greedy_equal"] and check["step_logits_rel_err"] < 1e-4 and check["barrier_timeouts"] == 0, check
   assert all(r["tok_s"] > 0 and "error" not in r for r in run["impls"].values()), run["impls"]
   assert run["impls"]["pallas/MATMUL_WARPS=4"]["step_top1_equal"] and run["impls"]["persistent"]["step_top1_equal"]
+
+
+def test_persistent_tagged_qkv_matches_barrier(monkeypatch):
+  """bf16 persistent decoding with tagged q/k/v words (no grid barrier between q/k/v and attention,
+  attention adding into the next residual buffer) gives the logits of the barrier version, and
+  greedy tokens equal the five-kernel path's."""
+  arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=3, num_heads=2, num_kv_heads=1,
+                      intermediate_size=128, head_dim=32)
+  params = model.init_params(jax.random.PRNGKey(0), arch)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 9), 0, 64)
+  tagged = []
+  monkeypatch.setattr(kernels, "_tagged", lambda y, tag, f=kernels._tagged: tagged.append(1) or f(y, tag))
+  out = {}
+  for name, tags in (("tags", True), ("barrier", False)):
+    monkeypatch.setattr(kernels, "PERSISTENT_QKV_TAGS", tags)
+    jax.clear_caches()  # the knob is not part of the jit cache's key
+    tagged.clear()
+    ip = infer.prepare(arch, params, jnp.bfloat16, decode_impl="persistent")
+    _, cache = infer.prefill_cache(ip, tokens[:, :6], None, max_len=128)
+    steps = []
+    for t in range(6, 9):
+      logits, cache = infer.decode_step(ip, tokens[:, t], cache)
+      steps.append(np.asarray(logits, np.float32))
+    out[name] = np.stack(steps)
+    assert bool(tagged) == tags
+  np.testing.assert_allclose(out["tags"], out["barrier"], rtol=1e-2, atol=1e-2)
+  five = infer.prepare(arch, params, jnp.bfloat16, decode_impl="pallas")
+  monkeypatch.setattr(kernels, "PERSISTENT_QKV_TAGS", True)
+  jax.clear_caches()
+  persistent = infer.prepare(arch, params, jnp.bfloat16, decode_impl="persistent")
+  np.testing.assert_array_equal(np.asarray(infer.generate(persistent, tokens, None, max_new_tokens=6)),
+                                np.asarray(infer.generate(five, tokens, None, max_new_tokens=6)))
