@@ -225,14 +225,22 @@ def _col_tiles(d: int, bd: int) -> list:
           for k in range(-(-d // bd))]
 
 
+def _both(a, b):
+  """a & b for load masks, where None means no mask."""
+  return b if a is None else a if b is None else a & b
+
+
+def _live(n: int, rows: int | None):
+  """Mask of the first `rows` of n (None: all of them)."""
+  return None if rows is None or rows >= n else jnp.arange(n) < rows
+
+
 def _mv_weights(w_ref, lead: tuple, firsts: tuple, bn: int, tile, rows: int | None = None) -> list:
   """Rows [f, f + bn) of the weight, for each f in `firsts`, on one column tile (stored dtype);
   with `rows` < bn only the first `rows` of them (the rest read as 0, without memory traffic)."""
   cols, m = tile
-  m = None if m is None else m[None, :]
-  if rows is not None and rows < bn:
-    live = (jnp.arange(bn) < rows)[:, None]
-    m = live if m is None else live & m
+  live = _live(bn, rows)
+  m = _both(None if live is None else live[:, None], None if m is None else m[None, :])
   return [_load(w_ref, lead + (pl.ds(f, bn), cols), m) for f in firsts]
 
 
@@ -396,7 +404,7 @@ def _kv_block(s: _AttnShape, r: _AttnRefs, b, kh, c, layer, t, first: bool = Fal
   sl, slots = pl.ds(start, s.block), start + jnp.arange(s.block)
   inside = (slots < s.num_slots) if first and s.chunk < s.num_slots else None
   if idx is not None and KV_UPTO_INDEX:
-    inside = slots < idx if inside is None else inside & (slots < idx)
+    inside = _both(inside, slots < idx)
   kv = [_load(ref, (layer, b, kh, sl, pl.ds(o, half)), None if inside is None else inside[:, None]).astype(F32)
         for ref in (r.k, r.v) for o in (0, half)]
   return kv, _load(r.mask, (b, sl), inside, 0) != 0, slots
@@ -725,7 +733,10 @@ class _AttnOut:
   d: int
   bo: int
   tagged: bool = False  # q/k/v read as tagged words: then the adds go to the next residual buffer
-  flips: bool = False  # (with the residual, from head 0), as slow programs may still read this one
+
+  @property
+  def flips(self) -> bool:  # (with the residual, from head 0): slow programs may still read this one
+    return self.tagged
 
   def items(self, batch: int) -> int:
     return batch * self.shape.num_heads * (self.d // self.bo)
@@ -794,10 +805,10 @@ class _FFN:
     return _mv_weights(r["wgu_2xFxD"], (layer,), (j * self.bf, self.f + j * self.bf), self.rows, tile, self.bf)
 
   def _down(self, r: dict, layer, j):
-    live = (jnp.arange(self.rows) < self.bf)[None, :] if self.rows > self.bf else None
-    masks = [live if m is None else (m[:, None] if live is None else m[:, None] & live) for _, m in self._tiles()]
-    return [_load(r["wd_DxF"], (layer, cols, pl.ds(j * self.bf, self.rows)), mm)
-            for (cols, _), mm in zip(self._tiles(), masks)]
+    live = _live(self.rows, self.bf)
+    live = None if live is None else live[None, :]
+    return [_load(r["wd_DxF"], (layer, cols, pl.ds(j * self.bf, self.rows)),
+                  _both(None if m is None else m[:, None], live)) for cols, m in self._tiles()]
 
   def fetch(self, r: dict, layer, item):
     j = _split(item, self.f // self.bf)[1]
@@ -938,7 +949,7 @@ def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs
     shape = _AttnShape(num_heads, K, H, S, _attn_block(S), S)
     tags = PERSISTENT_QKV_TAGS and jnp.dtype(dtype) == jnp.bfloat16
     phases += [_Matvec("wqkv_ExD", "attn_norm_D", E, D, bn, _col_block(D, bn), tagged=tags),
-               _AttnOut(shape, D, _row_block(D, max(per_item // num_heads, 1)), tagged=tags, flips=tags)]
+               _AttnOut(shape, D, _row_block(D, max(per_item // num_heads, 1)), tagged=tags)]
     ins.update({k: p[k] for k in ("attn_norm_D", "wqkv_ExD", "wo_DxA")})
     scratch["qkv"] = (batch, E)
   elif attn_kind == "linear":
