@@ -179,5 +179,16 @@ case "${1:-}" in
     [ -n "${INFER:-}" ] && run timeout 190 python3 benchmarks/inference.py --device-size h100 --model smollm2-random \
       --variants scan --out "$OUT/h200_infer_smollm2_s6.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w"; exit 2 ;;
+  x)  # session 7: L2 prefetch of the next phase's weights by the programs idle in a phase (default: every
+      # phase), off, attention only; 16 warps; the all-L2 bound (layer-0 weights); end to end
+      # (FLAGS=default,graphs: also CUDA graphs); INFER=1: the auto path vs transformers
+    run timeout 230 python3 benchmarks/segment_profile.py --timeline --out "$OUT/h200_timeline_s7${TAG:-}.json" \
+      --variants "${VARIANTS:-full,full no idle prefetch,full idle prefetch ffn,full 16 warps,full layer-0 weights}"
+    run timeout 330 python3 benchmarks/decode_profile.py --model smollm2 --flags "${FLAGS:-default}" --profile \
+      --timeout 320 --impls "${IMPLS:-persistent,persistent/PERSISTENT_IDLE_PREFETCH=,persistent/PERSISTENT_IDLE_PREFETCH=ffn,xla}" \
+      --out "$OUT/h200_decode_s7${TAG:-}.json"
+    [ -n "${INFER:-}" ] && run timeout 190 python3 benchmarks/inference.py --device-size h100 --model smollm2-random \
+      --variants scan --out "$OUT/h200_infer_smollm2_s7.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x"; exit 2 ;;
 esac

@@ -49,6 +49,13 @@ VARIANTS = {  # name -> (skipped phase positions, knob settings); phases: qkv, a
     "full qkv barrier": ((), {"PERSISTENT_QKV_TAGS": False}),  # a grid barrier after q/k/v, not tagged words
     "full ffn 16 rows": ((), {"PERSISTENT_FFN_ROWS": 16}),  # 96 FFN items of 16 rows, not 128 of 12
     "full kv whole cache": ((), {"KV_UPTO_INDEX": False}),  # cached K/V read past the index too
+    # Session 7: L2 prefetch of the next phase's weights by the programs idle in a phase (default: in
+    # every phase, 512 lines per step): off, during attention only, other steps; 16 warps
+    "full no idle prefetch": ((), {"PERSISTENT_IDLE_PREFETCH": ""}),
+    "full idle prefetch ffn": ((), {"PERSISTENT_IDLE_PREFETCH": "ffn"}),
+    "full prefetch 4096 lines": ((), {"PREFETCH_LINES": 4096}),  # a share at once (up to 4096 lines)
+    "full prefetch 256 lines": ((), {"PREFETCH_LINES": 256}),
+    "full 16 warps": ((), {"PERSISTENT_WARPS": 16}),
     "full layer-0 weights": ((), {"PROFILE_LAYER0": True}),  # weights and cache from L2: no HBM streaming
     "barriers layer-0": ((0, 1, 2), {"PROFILE_LAYER0": True}),
     # Two or three programs per SM (session 4, at its 4 warps and 128-slot steps; 8 warps do not fit twice)

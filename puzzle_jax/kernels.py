@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -559,6 +560,12 @@ PERSISTENT_FFN_ROWS: int | None = None  # None: `_ffn_rows` (SmolLM2: 12 in 16-r
 PERSISTENT_EARLY_KV = True  # the cache block loaded during the q/k/v phase: 13.51 vs 13.69 at the barrier
 PERSISTENT_QKV_TAGS = True  # bf16 q/k/v as tagged words: no grid barrier between q/k/v and attention
 PERSISTENT_FFN_PIECES = True  # D in unmasked power-of-two pieces (576 = 512 + 64); one masked tile: slower
+# Programs without an item in a phase hint L2 to fetch the next phase's weights meanwhile, in equal
+# shares, so that the register loads of that phase (issued at the barrier) come from L2. "all": every
+# phase with idle programs (SmolLM2: attention, 51 of 132 idle: the FFN's 5.3 MB; q/k/v, 12 idle:
+# o_proj's weights; FFN, 4 idle: the next layer's q/k/v); "ffn": only during attention; "": off.
+PERSISTENT_IDLE_PREFETCH = "all"
+PREFETCH_LINES = 512  # prefetch requests per loop step (8 warps: 2 per thread)
 PROFILE_SKIP: frozenset = frozenset()  # phase positions whose work is skipped (barriers kept): timing only
 PROFILE_LAYER0 = False  # every layer reads layer 0's weights and cache (L2-resident): timing only
 TIMELINE_POINTS = ("arrived", "left", "data in", "half way", "result")  # decode_segment(timeline=True) columns
@@ -628,6 +635,71 @@ def _atomic_add(ref, idx: tuple, val, mask=None) -> None:
   ref, transforms = sp.get_ref_and_transforms(ref, idx, "atomic_add_relaxed")
   args, tree = tree_util.tree_flatten((ref, transforms, val, mask))
   _relaxed_add_p().bind(*args, args_tree=tree)
+
+
+@functools.cache
+def _prefetch_p():
+  """ref[point] + offsets, where mask: a hint to pull those lines from memory into L2
+  (`prefetch.global.L2`). No registers are written and nothing waits for the data, unlike a
+  load. A Pallas primitive with its own Triton lowering (private jax API, as `_relaxed_add_p`;
+  tests/test_kernels.py lowers it on the installed jax)."""
+  from jax._src import core as jax_core, state
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.triton import dialect as tt
+  from jax._src.pallas.triton import lowering as tl
+  prim = jax_core.Primitive("prefetch_l2")
+  prim.multiple_results = True
+  # A write effect, although nothing is written: jax drops an eqn whose only effect is a read.
+  prim.def_effectful_abstract_eval(lambda *avals, args_tree: ([], {state.WriteEffect(0)}))
+
+  def lower(ctx, *args, args_tree):
+    ptr, (point,), offsets, mask = args_tree.unflatten(args)
+    ptrs = tl._add(tl._bcast_to(tl._compute_pointers_from_indices(ptr, ctx.block_infos[0], point),
+                                ctx.avals_in[-2].shape), offsets)
+    i32 = ir.IntegerType.get_signless(32)
+    # The dummy result keeps Triton's op shape; `pure=False` keeps the op although nothing reads it.
+    tt.elementwise_inline_asm([ir.RankedTensorType.get(ctx.avals_in[-2].shape, i32)],
+                              "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              constraints="=r,l,r", pure=False, packed_element=1, args=[ptrs, mask])
+    return []
+
+  tl.register_lowering(prim)(lower)
+  return prim
+
+
+def _prefetch_share(ref, lead: tuple, k, n: int) -> None:
+  """Hint L2 to fetch share k (of n, traced) of ref[lead] (contiguous: the trailing axes), one
+  request per 128-byte line, PREFETCH_LINES lines per loop step (a whole share at once would hold
+  its addresses in registers). A no-op in the interpreter (it has no caches)."""
+  if _interpret():
+    return
+  from jax._src import tree_util
+  from jax._src.state import primitives as sp
+  per = 128 // jnp.dtype(ref.dtype).itemsize  # elements per line
+  lines = -(-math.prod(ref.shape[len(lead):]) // per)
+  ref, transforms = sp.get_ref_and_transforms(ref, lead + (0,) * (len(ref.shape) - len(lead)), "prefetch_l2")
+
+  def body(t, carry):
+    i, mask = _share_lines(lines, n, k, t)
+    args, tree = tree_util.tree_flatten((ref, transforms, (i * per).astype(jnp.int32), mask.astype(jnp.int32)))
+    _prefetch_p().bind(*args, args_tree=tree)
+    return carry
+
+  jax.lax.fori_loop(0, _share_steps(lines, n)[1], body, 0)
+
+
+def _share_steps(lines: int, n: int) -> tuple[int, int]:
+  """(lines per loop step, loop steps) of one of n shares of `lines` lines."""
+  share = -(-lines // n)
+  step = min(PREFETCH_LINES, pl.next_power_of_2(share))
+  return step, -(-share // step)
+
+
+def _share_lines(lines: int, n: int, k, t):
+  """Loop step t of share k of n over `lines` lines: (line numbers, mask of those in the share)."""
+  share, step = -(-lines // n), _share_steps(lines, n)[0]
+  i = k * share + t * step + jnp.arange(step)
+  return i, (i < (k + 1) * share) & (i < lines)
 
 
 # Tagged q/k/v (PERSISTENT_QKV_TAGS): each bf16 q/k/v value is stored with a 16-bit tag of its
@@ -704,6 +776,9 @@ class _Matvec:
   def fetch(self, r: dict, layer, item):
     return [self._w(r, layer, _split(item, self.n // self.bn)[1], _col_tiles(self.d, self.bd)[0])]
 
+  def prefetch_share(self, r: dict, layer, k, n: int) -> None:  # (PERSISTENT_IDLE_PREFETCH)
+    _prefetch_share(r[self.w], (layer,), k, n)
+
   def run(self, r: dict, at: _At, item, pre, active) -> None:
     b, j = _split(item, self.n // self.bn)
     rows = pl.ds(j * self.bn, self.bn)
@@ -761,6 +836,9 @@ class _AttnOut:
   def fetch(self, r: dict, layer, item):
     return self.fetch_kv(r, layer, item), self.fetch_w(r, layer, item)
 
+  def prefetch_share(self, r: dict, layer, k, n: int) -> None:  # (PERSISTENT_IDLE_PREFETCH): o_proj's weights
+    _prefetch_share(r["wo_DxA"], (layer,), k, n)
+
   def run(self, r: dict, at: _At, item, pre, active) -> None:
     b, n, j = self._coords(item)
     kv, w = pre
@@ -813,6 +891,10 @@ class _FFN:
   def fetch(self, r: dict, layer, item):
     j = _split(item, self.f // self.bf)[1]
     return [self._gu(r, layer, j, t) for t in self._tiles()], self._down(r, layer, j)
+
+  def prefetch_share(self, r: dict, layer, k, n: int) -> None:  # (PERSISTENT_IDLE_PREFETCH)
+    for w in ("wgu_2xFxD", "wd_DxF"):
+      _prefetch_share(r[w], (layer,), k, n)
 
   def run(self, r: dict, at: _At, item, pre, active) -> None:
     b, j = _split(item, self.f // self.bf)
@@ -894,6 +976,11 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
       if early_kv and j == 0:
         a = a._replace(loaded=lambda a=a: kv_box or kv_box.append(
             phases[1].fetch_kv(r, a.layer, item(phases[1], 0)[0])))
+      idle, nxt = programs - ph.items(batch), phases[(j + 1) % nph]  # programs without an item in this phase
+      if idle > 0 and (PERSISTENT_IDLE_PREFETCH == "all" or (PERSISTENT_IDLE_PREFETCH == "ffn" and isinstance(
+          ph, _AttnOut) and isinstance(nxt, _FFN))):
+        k, nxt_layer = p - ph.items(batch), a.layer if j + 1 < nph else jnp.minimum(a.layer + 1, n_layers - 1)
+        pl.when(k >= 0)(lambda k=k, nxt=nxt, nl=nxt_layer: nxt.prefetch_share(r, nl, k, idle))
       if j not in PROFILE_SKIP:
         run(ph, a, pre)
       if ph.flips:

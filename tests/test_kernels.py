@@ -180,3 +180,27 @@ def test_kernel_sass_lowers_persistent_kernel_on_cpu():
   timed = kernel_sass.triton_ir((64, 2, 1, 32, 128, 128), layers=2, programs=132, timeline=True)
   assert timed.count("mov.u32 $0, %clock;") == 1 + 2 + 2 * 5, timed.count("%clock")
   assert kernels._interpret() and kernels.PERSISTENT_PROGRAMS is None  # knobs restored
+
+
+@pytest.mark.parametrize("mode,hints", [("all", 4), ("ffn", 2), ("", 0)])
+def test_idle_programs_prefetch_next_phase_weights(monkeypatch, mode, hints):
+  """Every phase of the tiny shape leaves programs idle (16 items each on 132 programs); they hint
+  L2 (`prefetch.global.L2`, predicated per line) to fetch the next phase's weights: o_proj's
+  during q/k/v, gate/up and down during attention, the next layer's q/k/v during the FFN."""
+  from benchmarks import kernel_sass
+  monkeypatch.setattr(kernels, "PERSISTENT_IDLE_PREFETCH", mode)
+  ir = kernel_sass.triton_ir((64, 2, 1, 32, 128, 128), layers=2, programs=132)
+  assert ir.count("@p prefetch.global.L2 [$1]") == hints
+
+
+@pytest.mark.parametrize("lines,n,step", [(27648, 51, 512), (8640, 4, 512), (8640, 4, 64), (10, 3, 512), (5, 8, 2),
+                                          (1, 1, 512)])
+def test_prefetch_shares_cover_every_line_once(monkeypatch, lines, n, step):
+  """The n idle programs' shares, loop step by loop step, hint each line of the weight exactly
+  once and nothing past its end."""
+  monkeypatch.setattr(kernels, "PREFETCH_LINES", step)
+  per_step, trips = kernels._share_steps(lines, n)
+  assert per_step <= step
+  seen = [np.asarray(i)[np.asarray(m)] for k in range(n) for t in range(trips)
+          for i, m in [kernels._share_lines(lines, n, jnp.int32(k), t)]]
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(lines))
