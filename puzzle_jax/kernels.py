@@ -976,10 +976,12 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
       if early_kv and j == 0:
         a = a._replace(loaded=lambda a=a: kv_box or kv_box.append(
             phases[1].fetch_kv(r, a.layer, item(phases[1], 0)[0])))
-      idle, nxt = programs - ph.items(batch), phases[(j + 1) % nph]  # programs without an item in this phase
-      if idle > 0 and (PERSISTENT_IDLE_PREFETCH == "all" or (PERSISTENT_IDLE_PREFETCH == "ffn" and isinstance(
-          ph, _AttnOut) and isinstance(nxt, _FFN))):
-        k, nxt_layer = p - ph.items(batch), a.layer if j + 1 < nph else jnp.minimum(a.layer + 1, n_layers - 1)
+      nxt = phases[(j + 1) % nph]
+      nxt_layer = layer if j + 1 < nph else jnp.minimum(layer + 1, n_layers - 1)  # (the last layer: its own)
+      nxt_layer = jnp.int32(0) if PROFILE_LAYER0 else nxt_layer
+      idle = programs - ph.items(batch)  # programs without an item in this phase (the last ones)
+      if idle > 0 and _idle_prefetch(ph, nxt):
+        k = p - ph.items(batch)
         pl.when(k >= 0)(lambda k=k, nxt=nxt, nl=nxt_layer: nxt.prefetch_share(r, nl, k, idle))
       if j not in PROFILE_SKIP:
         run(ph, a, pre)
@@ -990,9 +992,6 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
       arrived = _arrive(r["flags"], p, epoch, counter) if sync else idx
       if clocks is not None and sync:  # the spin waits for the reading
         epoch = _gate(epoch, stamp(slot, "arrived", arrived))
-      nxt = phases[(j + 1) % nph]
-      nxt_layer = layer if j + 1 < nph else jnp.minimum(layer + 1, n_layers - 1)
-      nxt_layer = jnp.int32(0) if PROFILE_LAYER0 else nxt_layer
       if kv_box and j == 0:
         pre = kv_box[0], nxt.fetch_w(r, nxt_layer, item(nxt, 0)[0])
       else:
@@ -1003,6 +1002,13 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
     return pre
 
   jax.lax.fori_loop(0, n_layers, layer_body, phases[0].fetch(r, jnp.int32(0), item(phases[0], 0)[0]))
+
+
+def _idle_prefetch(ph, nxt) -> bool:
+  """Whether the programs idle in phase `ph` hint L2 to fetch the weights of `nxt`, the next one."""
+  if PERSISTENT_IDLE_PREFETCH == "ffn":
+    return isinstance(ph, _AttnOut) and isinstance(nxt, _FFN)
+  return PERSISTENT_IDLE_PREFETCH == "all"
 
 
 def _ffn_rows(f: int, programs: int) -> int:
