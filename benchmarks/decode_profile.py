@@ -75,30 +75,33 @@ def _kernel_stats(trace_dir: str) -> dict[str, Any]:
 KNOBS = ("MATMUL_WARPS", "ATTN_WARPS", "MAX_PROGRAMS", "CHUNK_S", "MAX_CHUNKS", "TILE", "PERSISTENT_PROGRAMS",
          "PERSISTENT_WARPS", "PERSISTENT_ATTN_BLOCK", "BARRIER", "PERSISTENT_FFN_ROWS", "PERSISTENT_EARLY_KV",
          "PERSISTENT_QKV_TAGS", "KV_UPTO_INDEX", "PERSISTENT_IDLE_PREFETCH", "PREFETCH_LINES")
+INFER_KNOBS = ("PERSISTENT_MIN_RUN",)  # "auto": runs shorter than this take the five kernels
 _DEFAULTS: dict[str, Any] = {}
 
 
 def _set_knobs(spec: str) -> str:
-  """"pallas/MATMUL_WARPS=4/MAX_PROGRAMS=64" -> those `puzzle_jax.kernels` knobs set (all others
-  at their defaults), returns "pallas"."""
-  from puzzle_jax import kernels
+  """"pallas/MATMUL_WARPS=4/MAX_PROGRAMS=64" -> those `puzzle_jax.kernels` knobs (or `infer`'s
+  INFER_KNOBS) set, all others at their defaults; returns "pallas"."""
+  from puzzle_jax import infer, kernels
+  modules = {**{k: kernels for k in KNOBS}, **{k: infer for k in INFER_KNOBS}}
   if not _DEFAULTS:
-    _DEFAULTS.update({k: getattr(kernels, k) for k in KNOBS})
+    _DEFAULTS.update({k: getattr(m, k) for k, m in modules.items()})
   for k, v in _DEFAULTS.items():
-    setattr(kernels, k, v)
+    setattr(modules[k], k, v)
   impl, *knobs = spec.split("/")
   for kv in knobs:
     name, value = kv.split("=")
-    if name not in KNOBS:
-      raise ValueError(f"puzzle_jax.kernels has no knob {name!r}")
-    setattr(kernels, name, int(value) if value.isdigit() else value)
+    if name not in modules:
+      raise ValueError(f"no knob {name!r} in puzzle_jax.kernels or puzzle_jax.infer ({INFER_KNOBS})")
+    setattr(modules[name], name, int(value) if value.isdigit() else value)
   return impl
 
 
 def _prepare(arch, params, dtype, impl: str):
-  """Persistent kernels take a run of layers stacked (scan layout); the others unrolled layers."""
+  """Persistent kernels ("persistent", and "auto" for long runs) take a run of layers stacked (scan
+  layout, `prepare`'s default); the others unrolled layers."""
   from puzzle_jax import infer
-  return infer.prepare(arch, params, dtype, scan=impl == "persistent", decode_impl=impl)
+  return infer.prepare(arch, params, dtype, scan=impl in ("persistent", "auto"), decode_impl=impl)
 
 
 def _timeouts(cache) -> int:

@@ -190,5 +190,11 @@ case "${1:-}" in
     [ -n "${INFER:-}" ] && run timeout 190 python3 benchmarks/inference.py --device-size h100 --model smollm2-random \
       --variants scan --out "$OUT/h200_infer_smollm2_s7.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x"; exit 2 ;;
+  y)  # session 7: where "auto" should start running persistent kernels (infer.PERSISTENT_MIN_RUN), on the
+      # heterogeneous child (runs of 1-5 identical blocks): 12 (none of its runs), 4, 2, 1
+    run timeout 280 python3 benchmarks/decode_profile.py --model child --flags default --timeout 270 \
+      --impls "${IMPLS:-auto,auto/PERSISTENT_MIN_RUN=4,auto/PERSISTENT_MIN_RUN=2,auto/PERSISTENT_MIN_RUN=1}" \
+      --out "$OUT/h200_decode_s7_minrun.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y"; exit 2 ;;
 esac

@@ -59,10 +59,11 @@ CACHE_MULTIPLE = kernels.BLOCK_S  # cache slots are rounded up to this (whole ke
 # weights at ~2.9 TB/s and the kernels measured slower: BENCHMARKS.md).
 FUSED_MAX_BATCH = 1
 FUSED_MAX_HIDDEN = 2048
-# "auto" runs a persistent kernel only for runs of at least this many identical blocks: a kernel
-# costs ~5 us more to start than five kernels per block, and saves ~0.4 us per block (H200: the
-# 30-block SmolLM2 run 445 vs 458 us per token; a child with 14 runs of 1-5 blocks 313 vs 239 us).
-PERSISTENT_MIN_RUN = 12
+# "auto" runs a persistent kernel only for runs of at least this many identical blocks (shorter
+# ones: five kernels per block). H200, the 30-layer child of benchmarks/inference.py (runs of 1-5
+# blocks) in the scan layout: 282-287 us per token with 2, 309 with 1, 364 with 4, 455 with 12
+# (session 7, BENCHMARKS.md). Unrolled (scan=False), its five kernels per block took 234.
+PERSISTENT_MIN_RUN = 2
 
 
 # ----------------------------------------------------------------------------- params
