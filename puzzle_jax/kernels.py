@@ -164,11 +164,17 @@ def _wait(flags_ref, programs: int, epoch, counter=None):
                  volatile=True)
     return jnp.min(f) >= epoch
 
-  done, _ = jax.lax.while_loop(lambda c: ~c[0] & (c[1] < MAX_SPIN), lambda c: (passed(), c[1] + 1),
-                               (passed(), jnp.int32(0)))
+  _, pending = _spin(lambda: (None, ~passed()), flags_ref)
+  return ~pending
 
-  pl.when(~done)(lambda: _count_timeout(flags_ref))
-  return done
+
+def _spin(read, flags_ref):
+  """read() -> (value, pending), repeated while pending, at most MAX_SPIN more times -> the last
+  (value, pending). A spin that gives up counts a timeout in flags[-1] (results are then wrong)."""
+  value, pending, _ = jax.lax.while_loop(lambda c: c[1] & (c[2] < MAX_SPIN), lambda c: (*read(), c[2] + 1),
+                                         (*read(), jnp.int32(0)))
+  pl.when(pending)(lambda: _count_timeout(flags_ref))
+  return value, pending
 
 
 def _count_timeout(flags_ref) -> None:
@@ -719,18 +725,13 @@ def _tagged(y, tag):
 
 
 def _poll_tagged(ref, idxs: list, tag, flags_ref) -> list:
-  """The words at idxs once all carry `tag` -> their float32 values. A poll that spins past
-  MAX_SPIN counts a timeout in flags[-1] (as a barrier wait does) and returns what it read."""
+  """The words at idxs once all carry `tag` -> their float32 values (`_spin`: after MAX_SPIN polls,
+  a timeout is counted, as for a barrier wait, and what was read is returned)."""
   def once():
     ws = [_load_l2(ref, i) for i in idxs]
-    return ws, sum(jnp.sum(((w & 0xFFFF) != tag).astype(jnp.int32)) for w in ws)
+    return ws, sum(jnp.sum(((w & 0xFFFF) != tag).astype(jnp.int32)) for w in ws) > 0
 
-  def more(c):
-    return (*once(), c[2] + 1)
-
-  ws, missing, _ = jax.lax.while_loop(lambda c: (c[1] > 0) & (c[2] < MAX_SPIN), more, (*once(), jnp.int32(0)))
-
-  pl.when(missing > 0)(lambda: _count_timeout(flags_ref))
+  ws, _ = _spin(once, flags_ref)
   return [jax.lax.bitcast_convert_type(w & -65536, F32) for w in ws]
 
 
