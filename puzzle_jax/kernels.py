@@ -691,19 +691,19 @@ def _prefetch_share(ref, lead: tuple, k, n: int) -> None:
     _prefetch_p().bind(*args, args_tree=tree)
     return carry
 
-  jax.lax.fori_loop(0, _share_steps(lines, n)[1], body, 0)
+  jax.lax.fori_loop(0, _share_steps(lines, n)[2], body, 0)
 
 
-def _share_steps(lines: int, n: int) -> tuple[int, int]:
-  """(lines per loop step, loop steps) of one of n shares of `lines` lines."""
+def _share_steps(lines: int, n: int) -> tuple[int, int, int]:
+  """(lines per share, lines per loop step, loop steps) of one of n shares of `lines` lines."""
   share = -(-lines // n)
   step = min(PREFETCH_LINES, pl.next_power_of_2(share))
-  return step, -(-share // step)
+  return share, step, -(-share // step)
 
 
 def _share_lines(lines: int, n: int, k, t):
   """Loop step t of share k of n over `lines` lines: (line numbers, mask of those in the share)."""
-  share, step = -(-lines // n), _share_steps(lines, n)[0]
+  share, step, _ = _share_steps(lines, n)
   i = k * share + t * step + jnp.arange(step)
   return i, (i < (k + 1) * share) & (i < lines)
 

@@ -199,7 +199,7 @@ def test_prefetch_shares_cover_every_line_once(monkeypatch, lines, n, step):
   """The n idle programs' shares, loop step by loop step, hint each line of the weight exactly
   once and nothing past its end."""
   monkeypatch.setattr(kernels, "PREFETCH_LINES", step)
-  per_step, trips = kernels._share_steps(lines, n)
+  _, per_step, trips = kernels._share_steps(lines, n)
   assert per_step <= step
   seen = [np.asarray(i)[np.asarray(m)] for k in range(n) for t in range(trips)
           for i, m in [kernels._share_lines(lines, n, jnp.int32(k), t)]]
