@@ -69,7 +69,20 @@ def _kernel_stats(trace_dir: str) -> dict[str, Any]:
   start, end = min(e["ts"] for e in ks), max(e["ts"] + e["dur"] for e in ks)
   top = sorted(by.items(), key=lambda kv: -kv[1][1])[:12]
   return {"kernels": len(ks), "busy_s": sum(e["dur"] for e in ks) * 1e-6, "span_s": (end - start) * 1e-6,
-          "top": [{"name": k, "count": c, "s": s} for k, (c, s) in top]}
+          "top": [{"name": k, "count": c, "s": s} for k, (c, s) in top], "step": _one_step(ks)}
+
+
+def _one_step(ks: list) -> list:
+  """The kernels of one decode step in the middle of the run, in order (from one call of the
+  longest kernel to the next): name, start (us after that call's start), duration (us)."""
+  ks = sorted(ks, key=lambda e: e["ts"])
+  longest = max(ks, key=lambda e: e["dur"])["name"]
+  calls = [i for i, e in enumerate(ks) if e["name"] == longest]
+  if len(calls) < 3:
+    return []
+  a, b = calls[len(calls) // 2], calls[len(calls) // 2 + 1]
+  t0 = ks[a]["ts"]
+  return [{"name": e["name"][:60], "at_us": round(e["ts"] - t0, 2), "us": round(e["dur"], 2)} for e in ks[a:b + 1]]
 
 
 KNOBS = ("MATMUL_WARPS", "ATTN_WARPS", "MAX_PROGRAMS", "CHUNK_S", "MAX_CHUNKS", "TILE", "PERSISTENT_PROGRAMS",

@@ -196,5 +196,12 @@ case "${1:-}" in
       --impls "${IMPLS:-auto,auto/PERSISTENT_MIN_RUN=4,auto/PERSISTENT_MIN_RUN=2,auto/PERSISTENT_MIN_RUN=1}" \
       --out "$OUT/h200_decode_s7_minrun.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y"; exit 2 ;;
+  z)  # session 8: one decode step's kernels in order (the glue around the persistent kernel), per
+      # implementation spec (IMPLS); MODEL=child for the heterogeneous child; INFER=1: the auto path
+    run timeout 330 python3 benchmarks/decode_profile.py --model "${MODEL:-smollm2}" --flags default --profile \
+      --timeout 320 --runs "${RUNS:-10}" --impls "${IMPLS:-persistent}" --out "$OUT/h200_decode_s8${TAG:-}.json"
+    [ -n "${INFER:-}" ] && run timeout 190 python3 benchmarks/inference.py --device-size h100 --model smollm2-random \
+      --variants scan --out "$OUT/h200_infer_smollm2_s8${TAG:-}.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z"; exit 2 ;;
 esac
