@@ -212,6 +212,8 @@ class _Ctx:
   persistent: bool = False  # decode: run whole segments as persistent kernels where they apply
   min_run: int = 1  # decode, persistent: only runs of at least this many blocks (shorter: five kernels)
   kmasks: dict | None = None  # decode, fused: `masks` as int32 (what the attention kernel reads)
+  rope: tuple | None = None  # decode: RoPE (cos, sin) tables [S, H] by position (persistent kernels index them)
+  pos_B: jax.Array | None = None  # decode: each row's RoPE position
 
 
 def _linear(x: jax.Array, w_OxI: jax.Array, b: jax.Array | None = None) -> jax.Array:
@@ -384,9 +386,9 @@ def _persistent_run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx
   """A decode run of identical blocks as one persistent kernel -> (h, kv, barrier flags)."""
   a, f = ip.arch.blocks[seg.layers[0]].attn, ip.arch.blocks[seg.layers[0]].ffn
   mask = ctx.kmasks[a.window] if a.kind == "gqa" else None
-  h, kv, flags = kernels.decode_segment(h_BxLxD[:, 0], p, kv, flags, ctx.cos[:, 0], ctx.sin[:, 0], mask,
-                                        ctx.index, attn_kind=a.kind, ffn_kind=f.kind, num_heads=ip.arch.num_heads,
-                                        num_kv_heads=a.num_kv_heads or 0, eps=ip.arch.rms_eps)
+  h, kv, flags = kernels.decode_segment(h_BxLxD[:, 0], p, kv, flags, *ctx.rope, mask, ctx.index, attn_kind=a.kind,
+                                        ffn_kind=f.kind, num_heads=ip.arch.num_heads,
+                                        num_kv_heads=a.num_kv_heads or 0, eps=ip.arch.rms_eps, pos_B=ctx.pos_B)
   return h[:, None], kv, flags
 
 
@@ -484,10 +486,17 @@ def init_cache(ip: InferParams, batch: int, max_len: int) -> Cache:
 
   layers = tuple(tuple(kv(arch.blocks[i].attn, 1) for i in seg.layers) if seg.parallel
                  else kv(arch.blocks[seg.layers[0]].attn, len(seg.layers)) for seg in ip.plan)
-  # Barrier state of each run's persistent kernel (epochs / counter parity follow the decode step).
-  syncs = tuple(None if seg.parallel else kernels.sync_flags(kernels.persistent_programs()) for seg in ip.plan)
+
+  def sync(a: AttnSpec):  # barrier flags, residual buffers, tagged q/k/v words of a run's persistent kernel
+    width = (arch.num_heads + 2 * a.num_kv_heads) * arch.head_dim if a.kind == "gqa" else 0
+    return kernels.segment_state(kernels.persistent_programs(), batch, arch.hidden_size, width)
+
+  # Epochs, tags and the residual buffers' rotation follow the decode step (`cache["index"]`).
+  syncs = tuple(None if seg.parallel else sync(arch.blocks[seg.layers[0]].attn) for seg in ip.plan)
+  cos, sin = model.rope_cos_sin(arch, jnp.arange(S)[None])
   return {"layers": layers, "sync": syncs, "index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, S), bool),
-          "next_pos": jnp.zeros((batch,), jnp.int32)}
+          "kmask": jnp.zeros((batch, S), jnp.int32), "next_pos": jnp.zeros((batch,), jnp.int32),
+          "rope": (cos[0], sin[0])}
 
 
 def _prefill_cache(ip: InferParams, tokens_BxL, mask_BxL, max_len: int) -> tuple[jax.Array, Cache]:
@@ -499,27 +508,32 @@ def _prefill_cache(ip: InferParams, tokens_BxL, mask_BxL, max_len: int) -> tuple
   n_real_B = mask.sum(axis=1).astype(jnp.int32)
   last = jnp.maximum(n_real_B - 1, 0)[:, None, None]  # compacted: the last real token is at n - 1
   logits_BxV = _logits(ip, jnp.take_along_axis(h, last, axis=1))[:, 0]
-  valid = jax.lax.dynamic_update_slice(cache["valid"], mask, (0, 0))
-  return logits_BxV, {"layers": kvs, "sync": cache["sync"], "index": jnp.asarray(L, jnp.int32), "valid": valid,
-                      "next_pos": n_real_B}
+  # The slots decoding will write are marked valid now: a step attends to the slots up to its index,
+  # so no step needs to update the mask (nor its int32 copy, what the kernels read).
+  valid = jax.lax.dynamic_update_slice(cache["valid"], mask, (0, 0)).at[:, L:].set(True)
+  return logits_BxV, {**cache, "layers": kvs, "index": jnp.asarray(L, jnp.int32), "valid": valid,
+                      "kmask": valid.astype(jnp.int32), "next_pos": n_real_B}
 
 
 def _decode_step(ip: InferParams, tok_B, cache: Cache) -> tuple[jax.Array, Cache]:
   """One token per row at slot `cache["index"]` -> (float32 logits [B, V], cache)."""
-  idx, pos_B = cache["index"], cache["next_pos"]
-  valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((tok_B.shape[0], 1), bool), (0, idx))
+  idx, pos_B, valid = cache["index"], cache["next_pos"], cache["valid"]
   slots_S = jnp.arange(valid.shape[1])
   windows = {b.attn.window for b in ip.arch.blocks if b.attn.has_cache}
-  masks = {w: valid if w is None else valid & (idx - slots_S < w)[None, :] for w in windows}
-  cos, sin = model.rope_cos_sin(ip.arch, pos_B[:, None])
+  # Slots up to idx (later ones are marked valid for the steps to come, see _prefill_cache).
+  masks = {w: valid & (slots_S <= idx)[None, :] & (True if w is None else (idx - slots_S < w)[None, :])
+           for w in windows}
+  cos_SxH, sin_SxH = cache["rope"]
   mode = _decode_mode(ip, tok_B.shape[0])
   fused = mode != "xla"
-  kmasks = {w: m.astype(jnp.int32) for w, m in masks.items()} if fused else None
-  ctx = _Ctx(cos, sin, decode=True, index=idx, masks=masks, fused=fused, persistent=mode == "persistent",
-             min_run=PERSISTENT_MIN_RUN if ip.decode_impl == "auto" else 1, kmasks=kmasks)
+  # The kernels never read slots at or after idx: the whole-context mask needs no update per step.
+  kmasks = {w: cache["kmask"] if w is None else m.astype(jnp.int32) for w, m in masks.items()} if fused else None
+  ctx = _Ctx(cos_SxH[pos_B][:, None], sin_SxH[pos_B][:, None], decode=True, index=idx, masks=masks, fused=fused,
+             persistent=mode == "persistent", min_run=PERSISTENT_MIN_RUN if ip.decode_impl == "auto" else 1,
+             kmasks=kmasks, rope=(cos_SxH, sin_SxH), pos_B=pos_B)
   h, kvs, syncs = _stack_apply(ip, jnp.take(ip.embed_VxD, tok_B[:, None], axis=0), ctx, cache["layers"],
                                cache["sync"])
-  new = {"layers": kvs, "sync": syncs, "index": idx + 1, "valid": valid, "next_pos": pos_B + 1}
+  new = {**cache, "layers": kvs, "sync": syncs, "index": idx + 1, "next_pos": pos_B + 1}
   return _logits(ip, h)[:, 0], new
 
 
@@ -550,6 +564,8 @@ def _generate(ip: InferParams, tokens_BxL, mask_BxL, key, *, max_new_tokens: int
 
   def sample(t, logits_BxV, done_B):
     tok_B = model.sample(logits_BxV, keys[t], temperature, top_p)
+    if not stop_tokens:  # no row ever stops (and no per-token kernels for it)
+      return tok_B, done_B
     tok_B = jnp.where(done_B, stops[0], tok_B)  # finished rows repeat the first stop token
     return tok_B, done_B | jnp.isin(tok_B, stops)
 

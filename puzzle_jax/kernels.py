@@ -136,8 +136,9 @@ def sync_flags(programs: int) -> jax.Array:
   return jnp.zeros((programs + 1,), jnp.int32)
 
 
-def sync_timeouts(flags: jax.Array) -> jax.Array:
-  return flags[-1]
+def sync_timeouts(flags) -> jax.Array:
+  """Barrier / poll waits that timed out, from flags or a `SegmentState`."""
+  return _flags_of(flags)[-1]
 
 
 def _arrive(flags_ref, p, epoch, counter=None):
@@ -391,6 +392,7 @@ class _AttnRefs(NamedTuple):
   v_out: Any
   o: Any  # partials out ([B, C, A])
   lse: Any
+  pos: Any = None  # [B] RoPE positions: then cos / sin are tables by position, else rows by batch row
 
 
 def _when(cond, fn) -> None:
@@ -433,7 +435,8 @@ def _attn(s: _AttnShape, r: _AttnRefs, b, n, c, layer, idx, pre, *, load, writes
   G, H, half = s.num_heads // s.num_kv, s.head_dim, s.head_dim // 2
   kh = n // G
   dt = dt or r.qkv.dtype
-  cs, sn = r.cos[b, pl.ds(0, half)], r.sin[b, pl.ds(0, half)]
+  row = b if r.pos is None else r.pos[b]
+  cs, sn = r.cos[row, pl.ds(0, half)], r.sin[row, pl.ds(0, half)]
 
   def rope(x1, x2):  # rotate-half, rounded to the activation dtype as model.apply_rope's output is
     return _round(x1 * cs - x2 * sn, dt), _round(x2 * cs + x1 * sn, dt)
@@ -729,6 +732,8 @@ def _poll_tagged(ref, idxs: list, tag, flags_ref) -> list:
   a timeout is counted, as for a barrier wait, and what was read is returned)."""
   def once():
     ws = [_load_l2(ref, i) for i in idxs]
+    if len({w.shape for w in ws}) == 1:  # one reduction for all (each is a CTA barrier or two)
+      return ws, jnp.max(functools.reduce(jnp.maximum, [((w & 0xFFFF) != tag).astype(jnp.int32) for w in ws])) > 0
     return ws, sum(jnp.sum(((w & 0xFFFF) != tag).astype(jnp.int32)) for w in ws) > 0
 
   ws, _ = _spin(once, flags_ref)
@@ -746,9 +751,19 @@ class _At(NamedTuple):
   tag: Any = None  # this layer's q/k/v tag (PERSISTENT_QKV_TAGS)
   stamp: Any = None  # timeline (profiling): stamp(point, x) records a clock once x is known, returns x gated on it
   loaded: Any = None  # called once the phase's own data loads are issued (to issue more loads behind them)
+  first: Any = False  # (with a `SegmentState`) the phase reads the call's input: from "h_in", not "hs"
 
   def mark(self, point: str, x):  # point: one of TIMELINE_POINTS
     return x if self.stamp is None else self.stamp(point, x)
+
+
+def _residual(r: dict, at: _At, b, cols, m=None):
+  """The residual stream this phase reads, on `cols` (float32): buffer `cur`, or where the phase is
+  the call's first reader and the input is not in a buffer (`SegmentState`), "h_in"."""
+  x = _load_l2(r["hs"], (at.cur, b, cols), m)
+  if "h_in" not in r:
+    return x
+  return jnp.where(at.first, _load(r["h_in"], (b, cols), m).astype(F32), x)
 
 
 def _split(item, blocks: int):
@@ -783,12 +798,12 @@ class _Matvec:
   def run(self, r: dict, at: _At, item, pre, active) -> None:
     b, j = _split(item, self.n // self.bn)
     rows = pl.ds(j * self.bn, self.bn)
-    acc = _mv(lambda cols, m: _load_l2(r["hs"], (at.cur, b, cols), m),
+    acc = _mv(functools.partial(_residual, r, at, b),
               lambda cols, m: _load(r[self.norm], (at.layer, cols), m).astype(F32),
               functools.partial(self._w, r, at.layer, j), _col_tiles(self.d, self.bd), pre, eps=at.eps, d=self.d,
               mark=at.mark, loaded=at.loaded)
     if self.flips:
-      out, y = (at.nxt, b, rows), _mv_out(acc, False, at.dt, F32, _load_l2(r["hs"], (at.cur, b, rows)))
+      out, y = (at.nxt, b, rows), _mv_out(acc, False, at.dt, F32, _residual(r, at, b, rows))
     else:
       out, y = (b, rows), _mv_out(acc, False, at.dt, at.dt, None)
     ref, y = r["hs" if self.flips else "qkv"], at.mark("result", y)
@@ -809,10 +824,11 @@ class _AttnOut:
   d: int
   bo: int
   tagged: bool = False  # q/k/v read as tagged words: then the adds go to the next residual buffer
+  flip: bool = False  # flips anyway (with a `SegmentState`: the call's input is not in a buffer to add to)
 
   @property
   def flips(self) -> bool:  # (with the residual, from head 0): slow programs may still read this one
-    return self.tagged
+    return self.tagged or self.flip
 
   def items(self, batch: int) -> int:
     return batch * self.shape.num_heads * (self.d // self.bo)
@@ -823,7 +839,7 @@ class _AttnOut:
 
   @staticmethod
   def _refs(r: dict) -> _AttnRefs:
-    return _AttnRefs(r["qkv"], r["cos"], r["sin"], r["mask"], r["k"], r["v"], r["k"], r["v"], None, None)
+    return _AttnRefs(r["qkv"], r["cos"], r["sin"], r["mask"], r["k"], r["v"], r["k"], r["v"], None, None, r.get("pos"))
 
   def fetch_kv(self, r: dict, layer, item):
     b, n, _ = self._coords(item)
@@ -844,7 +860,7 @@ class _AttnOut:
     b, n, j = self._coords(item)
     kv, w = pre
     rows = pl.ds(j * self.bo, self.bo)
-    res = jnp.where(n == 0, _load_l2(r["hs"], (at.cur, b, rows)), 0.0) if self.flips else None
+    res = jnp.where(n == 0, _residual(r, at, b, rows), 0.0) if self.flips else None
 
     def load(ref, idxs):
       if self.tagged:
@@ -903,7 +919,7 @@ class _FFN:
     xs = []
 
     def x_at(cols, m):
-      xs.append(_load_l2(r["hs"], (at.cur, b, cols), m))
+      xs.append(_residual(r, at, b, cols, m))
       return xs[-1]
 
     tiles = self._tiles()
@@ -917,19 +933,25 @@ class _FFN:
 
 
 def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs: int, batch: int, eps: float,
-                    dt):
+                    dt, carry: bool):
   r = dict(zip(names, refs))
   p = pl.program_id(0)
-  idx, base = r["meta"][0], r["meta"][1]
   nph, flips = len(phases), [sum(ph.flips for ph in phases[:j]) for j in range(len(phases) + 1)]
+  idx = r["meta"][0]
+  base = idx * (n_layers * nph)  # epochs and tags of this call: base + 1 ...
+  # With a `SegmentState` (`carry`) the residual buffers rotate on across calls (the first flip
+  # writes the buffer the last flip of the call before zeroed); else every call starts at buffer 0.
+  t0 = idx * (n_layers * flips[-1]) if carry else 0
   synced = [not (isinstance(ph, _Matvec) and ph.tagged) for ph in phases]  # a grid barrier after the phase
   bars = [sum(synced[:j + 1]) for j in range(nph)]  # barriers in a layer up to and with phase j
 
   def at(layer, j):
-    t = layer * flips[-1] + flips[j]
+    t = t0 + layer * flips[-1] + flips[j]
     tag = _tag_of(base + layer)
+    first = (layer == 0) if carry and flips[j] == 0 else False
     layer = jnp.int32(0) if PROFILE_LAYER0 else layer
-    return _At(layer, idx, jax.lax.rem(t, 3), jax.lax.rem(t + 1, 3), eps, dt, tag), jax.lax.rem(t + 2, 3)
+    return (_At(layer, idx, jax.lax.rem(t, 3), jax.lax.rem(t + 1, 3), eps, dt, tag, first=first),
+            jax.lax.rem(t + 2, 3))
 
   def item(ph, rnd):
     i = p + rnd * programs
@@ -1022,7 +1044,7 @@ def _ffn_rows(f: int, programs: int) -> int:
 
 
 def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs: int, batch: int, num_heads: int,
-            num_kv_heads: int, dtype) -> tuple[list, dict, dict]:
+            num_kv_heads: int, dtype, carry: bool = False) -> tuple[list, dict, dict]:
   """A block's phases, the weights they read (by name) and their scratch {name: shape} (q/k/v:
   the activation dtype, or int32 tagged words, zeroed, where PERSISTENT_QKV_TAGS applies: bf16)."""
   n, D = p["attn_norm_D"].shape if "attn_norm_D" in p else p["ffn_norm_D"].shape
@@ -1043,7 +1065,7 @@ def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs
     shape = _AttnShape(num_heads, K, H, S, _attn_block(S), S)
     tags = PERSISTENT_QKV_TAGS and jnp.dtype(dtype) == jnp.bfloat16
     phases += [_Matvec("wqkv_ExD", "attn_norm_D", E, D, bn, _col_block(D, bn), tagged=tags),
-               _AttnOut(shape, D, _row_block(D, max(per_item // num_heads, 1)), tagged=tags)]
+               _AttnOut(shape, D, _row_block(D, max(per_item // num_heads, 1)), tagged=tags, flip=carry)]
     ins.update({k: p[k] for k in ("attn_norm_D", "wqkv_ExD", "wo_DxA")})
     scratch["qkv"] = (batch, E)
   elif attn_kind == "linear":
@@ -1059,18 +1081,41 @@ def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs
   return phases, ins, scratch
 
 
-def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array, cos_BxH: jax.Array,
+class SegmentState(NamedTuple):
+  """What a persistent segment keeps across decode steps (`segment_state`): its barrier flags,
+  its three float32 residual buffers [3, B, D] (rotating on from call to call) and its tagged
+  q/k/v words [B, E] (or None). With it a call allocates and zeroes nothing, and reads its input
+  where it is ("h_in") instead of copying it into a buffer first."""
+  flags: jax.Array
+  hs: jax.Array
+  qkv: jax.Array | None
+
+
+def segment_state(programs: int, batch: int, d: int, qkv_width: int = 0) -> SegmentState:
+  """Fresh state for a segment of hidden size d (`qkv_width`: its fused q/k/v width, 0 without
+  attention): zeros (no tag is 0; the first call's first write buffer is zero)."""
+  return SegmentState(sync_flags(programs), jnp.zeros((3, batch, d), F32),
+                      jnp.zeros((batch, qkv_width), jnp.int32) if qkv_width else None)
+
+
+def _flags_of(sync) -> jax.Array:
+  return sync.flags if isinstance(sync, SegmentState) else sync
+
+
+def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array | SegmentState, cos_BxH: jax.Array,
                    sin_BxH: jax.Array, mask_BxS: jax.Array | None, index, *, attn_kind: str, ffn_kind: str,
-                   num_heads: int, num_kv_heads: int = 0, eps: float = 1e-5, timeline: bool = False
-                   ) -> tuple:
+                   num_heads: int, num_kv_heads: int = 0, eps: float = 1e-5, timeline: bool = False,
+                   pos_B: jax.Array | None = None) -> tuple:
   """A run of n identical decode blocks in one persistent kernel -> (h, kv, flags).
 
   h [B, D] (one token per row); `p`: the stacked block params of `puzzle_jax.infer` ([n, ...]:
   attn_norm_D, wqkv_ExD, wo_DxA or wa_DxD; ffn_norm_D, wgu_2xFxD, wd_DxF or wf_DxD); kv: the
   segment's caches {"k", "v"} [n, B, K, S, H] (gqa), updated in place at slot `index`; mask [B, S]
-  (int32) the slots row b may attend to; flags: the barrier state of this segment
-  (`sync_flags(persistent_programs())`, kept across steps; epochs derive from `index`, which must
-  grow by one per call). Same results as n calls of the five-kernel block, except that the residual
+  (int32) the slots row b may attend to (slots at or after `index` are never read); flags: the
+  barrier state of this segment (`sync_flags(persistent_programs())`), or a `SegmentState`
+  (returned updated in its place), kept across steps; epochs derive from `index`, which must
+  grow by one per call. cos / sin: [B, H] per row, or with `pos_B` ([B] int32 positions) tables
+  [P, H] by position, read in the kernel. Same results as n calls of the five-kernel block, except that the residual
   stream stays in float32 inside the run (projections are still rounded to the activation dtype).
   `timeline` (profiling, GPU): also return int32 [P, n * phases + 1, len(TIMELINE_POINTS)], each
   program's SM clock per phase when it: arrived at the barrier, left it, had the phase's data,
@@ -1083,17 +1128,33 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
     raise ValueError("decode_segment: a block with neither attention nor FFN needs no kernel")
   B, D = h_BxD.shape
   n = next(iter(p.values())).shape[0]
+  state = flags if isinstance(flags, SegmentState) else None
+  flags = _flags_of(flags)
   programs = flags.shape[0] - 1
   phases, ins, scratch = _phases(attn_kind, ffn_kind, p, kv, programs=programs, batch=B, num_heads=num_heads,
-                                 num_kv_heads=num_kv_heads, dtype=h_BxD.dtype)
+                                 num_kv_heads=num_kv_heads, dtype=h_BxD.dtype, carry=state is not None)
   if attn_kind == "gqa":
     ins.update(cos=cos_BxH.astype(F32), sin=sin_BxH.astype(F32), mask=mask_BxS.astype(jnp.int32))
+    if pos_B is not None:
+      ins["pos"] = pos_B.astype(jnp.int32)
   index = jnp.asarray(index, jnp.int32)
-  ins["meta"] = jnp.stack([index, index * (n * len(phases))])  # epochs of this call: base + 1 ...
-  hs = jnp.zeros((3, B, D), F32).at[0].set(h_BxD.astype(F32))  # the residual buffers (see above)
+  ins["meta"] = index.reshape(1)
+  nflips = n * sum(ph.flips for ph in phases)
+  if state is not None:
+    if state.hs.shape != (3, B, D):
+      raise ValueError(f"decode_segment: state residual buffers {state.hs.shape}, need {(3, B, D)}")
+    ins["h_in"], hs = h_BxD, state.hs
+    final = jax.lax.rem(index * nflips + nflips, 3)  # the buffer the last flip wrote (rotating on)
+  else:
+    hs = jnp.zeros((3, B, D), F32).at[0].set(h_BxD.astype(F32))  # the residual buffers (see above)
+    final = nflips % 3
   aliased = {"hs": hs, "flags": flags} | ({"k": kv["k"], "v": kv["v"]} if attn_kind == "gqa" else {})
   if any(getattr(ph, "tagged", False) for ph in phases):  # tagged words start at 0 (no layer's tag)
-    aliased["qkv"] = jnp.zeros(scratch.pop("qkv"), jnp.int32)
+    shape = scratch.pop("qkv")
+    qkv = state.qkv if state is not None and state.qkv is not None else None
+    if qkv is not None and qkv.shape != shape:
+      raise ValueError(f"decode_segment: state q/k/v words {qkv.shape}, need {shape}")
+    aliased["qkv"] = qkv if qkv is not None else jnp.zeros(shape, jnp.int32)
   if timeline:  # zeros where a phase has no such point
     aliased["clocks"] = jnp.zeros((programs, n * len(phases) + 1, len(TIMELINE_POINTS)), jnp.int32)
   in_names = tuple(ins) + tuple(f"{k}_in" for k in aliased)
@@ -1101,11 +1162,13 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array,
   out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in aliased.values()]
   out_shape += [jax.ShapeDtypeStruct(shp, h_BxD.dtype) for shp in scratch.values()]
   kernel = functools.partial(_segment_kernel, names=in_names + out_names, phases=tuple(phases), n_layers=n,
-                             programs=programs, batch=B, eps=eps, dt=h_BxD.dtype)
+                             programs=programs, batch=B, eps=eps, dt=h_BxD.dtype, carry=state is not None)
   outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(programs,),
                         input_output_aliases={len(ins) + i: i for i in range(len(aliased))},
                         interpret=_interpret(), compiler_params=_compiler_params(PERSISTENT_WARPS))(
       *ins.values(), *aliased.values())
-  final = n * sum(ph.flips for ph in phases) % 3  # the buffer the last flip wrote
-  res = outs[0][final].astype(h_BxD.dtype), ({"k": outs[2], "v": outs[3]} if attn_kind == "gqa" else kv), outs[1]
-  return res + (outs[len(aliased) - 1],) if timeline else res
+  out = dict(zip(aliased, outs))
+  h = jax.lax.dynamic_index_in_dim(out["hs"], final, keepdims=False).astype(h_BxD.dtype)
+  sync = out["flags"] if state is None else SegmentState(out["flags"], out["hs"], out.get("qkv", state.qkv))
+  res = h, ({"k": out["k"], "v": out["v"]} if attn_kind == "gqa" else kv), sync
+  return res + (out["clocks"],) if timeline else res

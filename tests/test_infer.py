@@ -228,7 +228,7 @@ def test_persistent_generate_raises_on_barrier_timeouts(monkeypatch):
   ip = infer.prepare(arch, model.init_params(jax.random.PRNGKey(0), arch), jnp.float32, decode_impl="persistent")
   tokens = jnp.ones((1, 4), jnp.int32)
   assert infer.generate(ip, tokens, max_new_tokens=2).shape == (1, 2)
-  monkeypatch.setattr(kernels, "sync_timeouts", lambda flags: flags[-1] + 3)
+  monkeypatch.setattr(kernels, "sync_timeouts", lambda sync, real=kernels.sync_timeouts: real(sync) + 3)
   jax.clear_caches()
   with pytest.raises(RuntimeError, match="grid-barrier waits .* timed out"):
     infer.generate(ip, tokens, max_new_tokens=2)

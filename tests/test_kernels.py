@@ -204,3 +204,37 @@ def test_prefetch_shares_cover_every_line_once(monkeypatch, lines, n, step):
   seen = [np.asarray(i)[np.asarray(m)] for k in range(n) for t in range(trips)
           for i, m in [kernels._share_lines(lines, n, jnp.int32(k), t)]]
   np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(lines))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_segment_state_carries_across_calls(dtype):
+  """A persistent segment with a `SegmentState` (residual buffers rotating on from call to call,
+  tagged q/k/v words kept, the input read in place, RoPE tables indexed in the kernel) gives the
+  results of fresh buffers every call, over consecutive decode steps."""
+  from puzzle_jax.arch import uniform_arch
+  # 2 layers: 4 flips per call, so the rotation does not come back to buffer 0 by itself
+  arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                      intermediate_size=128, head_dim=32)
+  ip = infer.prepare(arch, model.init_params(jax.random.PRNGKey(0), arch), dtype, decode_impl="persistent")
+  cache = infer.init_cache(ip, 2, 128)
+  p, E = ip.blocks[0], (2 + 2 * 1) * arch.head_dim  # (N + 2K) H
+  kw = dict(attn_kind="gqa", ffn_kind="swiglu", num_heads=2, num_kv_heads=1, eps=arch.rms_eps)
+  cos_SxH, sin_SxH = cache["rope"]
+  mask = jnp.ones((2, 128), jnp.int32)
+  h = arr(2, 64).astype(dtype)
+  runs = {}
+  for name, sync in (("fresh", kernels.sync_flags(1)), ("state", kernels.segment_state(1, 2, 64, E))):
+    kv, hs = cache["layers"][0], []
+    for idx in range(5, 9):
+      pos = jnp.array([idx, idx - 3], jnp.int32)
+      if name == "fresh":
+        out, kv, sync = kernels.decode_segment(h, p, kv, sync, cos_SxH[pos], sin_SxH[pos], mask, idx, **kw)
+      else:
+        out, kv, sync = kernels.decode_segment(h, p, kv, sync, cos_SxH, sin_SxH, mask, idx, pos_B=pos, **kw)
+      hs.append(np.asarray(out, np.float32))
+    runs[name] = (np.stack(hs), np.asarray(kv["k"], np.float32))
+  close(runs["state"][0], runs["fresh"][0], 1e-5 if dtype == jnp.float32 else 2e-2)
+  close(runs["state"][1], runs["fresh"][1], 1e-6)
+  with pytest.raises(ValueError, match="residual buffers"):
+    kernels.decode_segment(h, p, cache["layers"][0], kernels.segment_state(1, 3, 64, E), cos_SxH, sin_SxH, mask, 5,
+                           pos_B=jnp.array([5, 2]), **kw)
