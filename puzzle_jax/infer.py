@@ -383,7 +383,7 @@ def _persistent_ok(p: Params, spec: BlockSpec, arch: Arch) -> bool:
 
 
 def _persistent_run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx, kv, flags):
-  """A decode run of identical blocks as one persistent kernel -> (h, kv, barrier flags)."""
+  """A decode run of identical blocks as one persistent kernel -> (h, kv, its `kernels.SegmentState`)."""
   a, f = ip.arch.blocks[seg.layers[0]].attn, ip.arch.blocks[seg.layers[0]].ffn
   mask = ctx.kmasks[a.window] if a.kind == "gqa" else None
   h, kv, flags = kernels.decode_segment(h_BxLxD[:, 0], p, kv, flags, *ctx.rope, mask, ctx.index, attn_kind=a.kind,
@@ -393,7 +393,7 @@ def _persistent_run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx
 
 
 def _stack_apply(ip: InferParams, h_BxLxD, ctx: _Ctx, kvs: tuple | None, syncs: tuple | None = None):
-  """The blocks, segment by segment -> (h, caches, barrier flags of the persistent kernels)."""
+  """The blocks, segment by segment -> (h, caches, states of the persistent kernels)."""
   kvs = kvs if kvs is not None else (None,) * len(ip.plan)
   syncs = syncs if syncs is not None else (None,) * len(ip.plan)
   new, new_syncs = [], []
@@ -474,7 +474,9 @@ def prefill_logits(ip: InferParams, tokens_BxL: jax.Array, mask_BxL: jax.Array |
 # ----------------------------------------------------------------------------- KV cache, decode
 def init_cache(ip: InferParams, batch: int, max_len: int) -> Cache:
   """Empty cache: per segment a {"k", "v"} of [n, B, K, S, H] (a tuple of them for a parallel
-  group; None without attention), the next write slot, valid slots, next RoPE position."""
+  group; None without attention) and the state of its persistent kernel (`kernels.SegmentState`),
+  the next write slot, valid slots (bool, and int32 for the kernels), next RoPE position, RoPE
+  (cos, sin) tables [S, H] by position."""
   arch = ip.arch
   S = -(-max_len // CACHE_MULTIPLE) * CACHE_MULTIPLE
 

@@ -549,7 +549,8 @@ def decode_attention(qkv_BxE: jax.Array, cos_BxH: jax.Array, sin_BxH: jax.Array,
 # Split-K shares are summed by float32 atomics, so the residual stream lives in float32 scratch,
 # three buffers in rotation. A phase that reads the whole residual and adds to it ("flips": the
 # FFN, linear sub-blocks) reads buffer t % 3, writes t + 1 (zeroed before; the FFN's item (b, 0)
-# adds the residual itself) and zeroes t + 2 (whose last reader was the flip before). In bf16,
+# adds the residual itself) and zeroes t + 2 (whose last reader was the flip before); with a
+# `SegmentState` the rotation goes on across calls and the call's input is read in place. In bf16,
 # phase 1 stores q/k/v as tagged words (`_poll_tagged`) and has no barrier after it: an attention
 # item polls the rows of its head, and as a slow program may still be reading the residual, the
 # attention flips too (head 0's items add the residual rows). Otherwise (float32 activations) a
