@@ -382,14 +382,14 @@ def _persistent_ok(p: Params, spec: BlockSpec, arch: Arch) -> bool:
   return _fusable(p, spec, arch) and (spec.attn.kind, spec.ffn.kind) != ("noop", "noop")
 
 
-def _persistent_run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx, kv, flags):
+def _persistent_run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx, kv, sync):
   """A decode run of identical blocks as one persistent kernel -> (h, kv, its `kernels.SegmentState`)."""
   a, f = ip.arch.blocks[seg.layers[0]].attn, ip.arch.blocks[seg.layers[0]].ffn
   mask = ctx.kmasks[a.window] if a.kind == "gqa" else None
-  h, kv, flags = kernels.decode_segment(h_BxLxD[:, 0], p, kv, flags, *ctx.rope, mask, ctx.index, attn_kind=a.kind,
-                                        ffn_kind=f.kind, num_heads=ip.arch.num_heads,
-                                        num_kv_heads=a.num_kv_heads or 0, eps=ip.arch.rms_eps, pos_B=ctx.pos_B)
-  return h[:, None], kv, flags
+  h, kv, sync = kernels.decode_segment(h_BxLxD[:, 0], p, kv, sync, *ctx.rope, mask, ctx.index, attn_kind=a.kind,
+                                       ffn_kind=f.kind, num_heads=ip.arch.num_heads,
+                                       num_kv_heads=a.num_kv_heads or 0, eps=ip.arch.rms_eps, pos_B=ctx.pos_B)
+  return h[:, None], kv, sync
 
 
 def _stack_apply(ip: InferParams, h_BxLxD, ctx: _Ctx, kvs: tuple | None, syncs: tuple | None = None):

@@ -729,13 +729,12 @@ def _tagged(y, tag):
 
 
 def _poll_tagged(ref, idxs: list, tag, flags_ref) -> list:
-  """The words at idxs once all carry `tag` -> their float32 values (`_spin`: after MAX_SPIN polls,
-  a timeout is counted, as for a barrier wait, and what was read is returned)."""
+  """The words at idxs (blocks of one shape) once all carry `tag` -> their float32 values (`_spin`:
+  after MAX_SPIN polls, a timeout is counted, as for a barrier wait, and what was read is returned)."""
   def once():
     ws = [_load_l2(ref, i) for i in idxs]
-    if len({w.shape for w in ws}) == 1:  # one reduction for all (each is a CTA barrier or two)
-      return ws, jnp.max(functools.reduce(jnp.maximum, [((w & 0xFFFF) != tag).astype(jnp.int32) for w in ws])) > 0
-    return ws, sum(jnp.sum(((w & 0xFFFF) != tag).astype(jnp.int32)) for w in ws) > 0
+    # elementwise over the blocks first: one reduction per poll instead of one per block
+    return ws, jnp.max(functools.reduce(jnp.maximum, [((w & 0xFFFF) != tag).astype(jnp.int32) for w in ws])) > 0
 
   ws, _ = _spin(once, flags_ref)
   return [jax.lax.bitcast_convert_type(w & -65536, F32) for w in ws]
@@ -1152,7 +1151,7 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array 
   aliased = {"hs": hs, "flags": flags} | ({"k": kv["k"], "v": kv["v"]} if attn_kind == "gqa" else {})
   if any(getattr(ph, "tagged", False) for ph in phases):  # tagged words start at 0 (no layer's tag)
     shape = scratch.pop("qkv")
-    qkv = state.qkv if state is not None and state.qkv is not None else None
+    qkv = state.qkv if state is not None else None
     if qkv is not None and qkv.shape != shape:
       raise ValueError(f"decode_segment: state q/k/v words {qkv.shape}, need {shape}")
     aliased["qkv"] = qkv if qkv is not None else jnp.zeros(shape, jnp.int32)
