@@ -197,11 +197,12 @@ case "${1:-}" in
       --out "$OUT/h200_decode_s7_minrun.json"
     ;;
   z)  # session 8: one decode step's kernels in order (the glue around the persistent kernel), per
-      # implementation spec (IMPLS); MODEL=child for the heterogeneous child; INFER=1: the auto path
+      # implementation spec (IMPLS); MODEL=child for the heterogeneous child; INFER=1: the auto path;
+      # S: the session in the file names (default s8)
     run timeout 330 python3 benchmarks/decode_profile.py --model "${MODEL:-smollm2}" --flags default --profile \
-      --timeout 320 --runs "${RUNS:-10}" --impls "${IMPLS:-persistent}" --out "$OUT/h200_decode_s8${TAG:-}.json"
+      --timeout 320 --runs "${RUNS:-10}" --impls "${IMPLS:-persistent}" --out "$OUT/h200_decode_${S:-s8}${TAG:-}.json"
     [ -n "${INFER:-}" ] && run timeout 190 python3 benchmarks/inference.py --device-size h100 --model smollm2-random \
-      --variants scan --out "$OUT/h200_infer_smollm2_s8${TAG:-}.json"
+      --variants scan --out "$OUT/h200_infer_smollm2_${S:-s8}${TAG:-}.json"
     ;;
   *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z"; exit 2 ;;
 esac

@@ -317,7 +317,7 @@ def _fusable(p: Params, spec: BlockSpec, arch: Arch) -> bool:
     return False
   D, A, H = arch.hidden_size, arch.num_heads * arch.head_dim, arch.head_dim
   a, f = spec.attn, spec.ffn
-  ok_a = a.kind != "gqa" or (kernels.supported(D, (arch.num_heads + 2 * a.num_kv_heads) * H)
+  ok_a = a.kind != "gqa" or (kernels.supported(D, kernels.qkv_width(arch.num_heads, a.num_kv_heads, H))
                              and kernels.supported(A, D) and kernels.head_dim_ok(H))
   ok_f = f.kind != "swiglu" or (kernels.supported(D, f.intermediate_size) and kernels.supported(f.intermediate_size, D))
   return ok_a and ok_f and kernels.supported(D, D)
@@ -490,7 +490,7 @@ def init_cache(ip: InferParams, batch: int, max_len: int) -> Cache:
                  else kv(arch.blocks[seg.layers[0]].attn, len(seg.layers)) for seg in ip.plan)
 
   def sync(a: AttnSpec):  # barrier flags, residual buffers, tagged q/k/v words of a run's persistent kernel
-    width = (arch.num_heads + 2 * a.num_kv_heads) * arch.head_dim if a.kind == "gqa" else 0
+    width = kernels.qkv_width(arch.num_heads, a.num_kv_heads, arch.head_dim) if a.kind == "gqa" else 0
     return kernels.segment_state(kernels.persistent_programs(), batch, arch.hidden_size, width)
 
   # Epochs, tags and the residual buffers' rotation follow the decode step (`cache["index"]`).

@@ -103,6 +103,11 @@ def supported(d: int, n: int) -> bool:
   return d > 0 and n % 8 == 0
 
 
+def qkv_width(num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+  """E, the fused q/k/v projection's width: (N + 2K) H."""
+  return (num_heads + 2 * num_kv_heads) * head_dim
+
+
 def head_dim_ok(h: int) -> bool:
   """`decode_attention` loads rotate-half halves of a head: h / 2 must be a power of two >= 16."""
   return h >= 32 and h & (h - 1) == 0
@@ -520,7 +525,7 @@ def decode_attention(qkv_BxE: jax.Array, cos_BxH: jax.Array, sin_BxH: jax.Array,
   """
   B, E = qkv_BxE.shape
   n, _, K, S, H = k_cache.shape
-  if E != (num_heads + 2 * num_kv_heads) * H or K != num_kv_heads or S % BLOCK_S or not head_dim_ok(H):
+  if E != qkv_width(num_heads, num_kv_heads, H) or K != num_kv_heads or S % BLOCK_S or not head_dim_ok(H):
     raise ValueError(f"decode_attention: qkv {qkv_BxE.shape}, cache {k_cache.shape}, heads "
                      f"{num_heads}/{num_kv_heads}: need E = (N + 2K) H, S % {BLOCK_S} == 0, "
                      "H a power of two >= 32")
@@ -1058,7 +1063,7 @@ def _phases(attn_kind: str, ffn_kind: str, p: dict, kv: dict | None, *, programs
   if attn_kind == "gqa":
     K, S, H = kv["k"].shape[2], kv["k"].shape[3], kv["k"].shape[4]
     E = p["wqkv_ExD"].shape[1]
-    if K != num_kv_heads or E != (num_heads + 2 * K) * H or S % BLOCK_S or not head_dim_ok(H):
+    if K != num_kv_heads or E != qkv_width(num_heads, K, H) or S % BLOCK_S or not head_dim_ok(H):
       raise ValueError(f"decode_segment: qkv {p['wqkv_ExD'].shape}, cache {kv['k'].shape}, heads "
                        f"{num_heads}/{num_kv_heads}: need E = (N + 2K) H, S % {BLOCK_S} == 0, H a power of two >= 32")
     bn = _row_block(E, per_item)
