@@ -766,9 +766,16 @@ def _residual(r: dict, at: _At, b, cols, m=None):
   """The residual stream this phase reads, on `cols` (float32): buffer `cur`, or where the phase is
   the call's first reader and the input is not in a buffer (`SegmentState`), "h_in"."""
   x = _load_l2(r["hs"], (at.cur, b, cols), m)
-  if "h_in" not in r:
+  if "h_in" not in r or at.first is False:  # (statically not the first reader: no load of the input)
     return x
   return jnp.where(at.first, _load(r["h_in"], (b, cols), m).astype(F32), x)
+
+
+def _flip_base(index, flips_per_call: int, carry: bool):
+  """The count of residual flips before this call: with a `SegmentState` (`carry`) the buffers'
+  rotation goes on from call to call (`index` grows by one per call), else every call starts at
+  buffer 0. Flip t reads buffer t % 3 and writes (t + 1) % 3."""
+  return index * flips_per_call if carry else 0
 
 
 def _split(item, blocks: int):
@@ -946,7 +953,7 @@ def _segment_kernel(*refs, names: tuple, phases: tuple, n_layers: int, programs:
   base = idx * (n_layers * nph)  # epochs and tags of this call: base + 1 ...
   # With a `SegmentState` (`carry`) the residual buffers rotate on across calls (the first flip
   # writes the buffer the last flip of the call before zeroed); else every call starts at buffer 0.
-  t0 = idx * (n_layers * flips[-1]) if carry else 0
+  t0 = _flip_base(idx, n_layers * flips[-1], carry)
   synced = [not (isinstance(ph, _Matvec) and ph.tagged) for ph in phases]  # a grid barrier after the phase
   bars = [sum(synced[:j + 1]) for j in range(nph)]  # barriers in a layer up to and with phase j
 
@@ -1149,10 +1156,9 @@ def decode_segment(h_BxD: jax.Array, p: dict, kv: dict | None, flags: jax.Array 
     if state.hs.shape != (3, B, D):
       raise ValueError(f"decode_segment: state residual buffers {state.hs.shape}, need {(3, B, D)}")
     ins["h_in"], hs = h_BxD, state.hs
-    final = jax.lax.rem(index * nflips + nflips, 3)  # the buffer the last flip wrote (rotating on)
   else:
     hs = jnp.zeros((3, B, D), F32).at[0].set(h_BxD.astype(F32))  # the residual buffers (see above)
-    final = nflips % 3
+  final = jax.lax.rem(_flip_base(index, nflips, state is not None) + nflips, 3)  # the buffer the last flip wrote
   aliased = {"hs": hs, "flags": flags} | ({"k": kv["k"], "v": kv["v"]} if attn_kind == "gqa" else {})
   if any(getattr(ph, "tagged", False) for ph in phases):  # tagged words start at 0 (no layer's tag)
     shape = scratch.pop("qkv")
