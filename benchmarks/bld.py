@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzle_jax import bld, candidates as cands, model
-from puzzle_jax.arch import AttnSpec, FFNSpec, uniform_arch, variant_key
+from puzzle_jax.search import bld
+from puzzle_jax.search import candidates as cands
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import AttnSpec, FFNSpec, uniform_arch, variant_key
 
 SIZES = {  # (tokens per candidate step B, L), K values, 8B-shape scale, steps for SmolLM2
     "cpu": dict(B=2, L=64, ks=(1, 4), d=256, f=512, heads=8, kv=2, k8b=2, smol_steps=3, smol_bl=(1, 64)),

@@ -15,8 +15,8 @@ import dataclasses
 import json
 import pathlib
 
-from puzzle_jax import costs
-from puzzle_jax.arch import Arch, AttnSpec, FFNSpec, uniform_arch
+from puzzle_jax.search import costs
+from puzzle_jax.core.arch import Arch, AttnSpec, FFNSpec, uniform_arch
 
 HERE = pathlib.Path(__file__).parent
 

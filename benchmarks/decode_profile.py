@@ -40,7 +40,7 @@ PROMPT, NEW = 128, 128
 
 def _arch(name: str):
   from benchmarks import inference as I
-  from puzzle_jax.arch import uniform_arch
+  from puzzle_jax.core.arch import uniform_arch
   if name == "tiny":  # CPU smoke test: the smallest shapes the kernels tile (head_dim 32)
     return uniform_arch(vocab_size=256, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                         intermediate_size=128, head_dim=32)
@@ -156,7 +156,8 @@ def worker(args) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from puzzle_jax import infer, model
+  from puzzle_jax import infer
+  from puzzle_jax.core import model
   arch = _arch(args.model)
   params = model.init_params(jax.random.PRNGKey(0), arch, jnp.bfloat16)
   toks = jnp.asarray(np.random.default_rng(3).integers(0, arch.vocab_size, (1, PROMPT), dtype=np.int32))

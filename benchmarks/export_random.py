@@ -13,9 +13,9 @@ import sys
 import jax
 import numpy as np
 
-from puzzle_jax import model
-from puzzle_jax.arch import Arch
-from puzzle_jax.export import export
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import Arch
+from puzzle_jax.export.nemotron_nas import export
 
 
 def main(src: str, out: str) -> pathlib.Path:

@@ -23,7 +23,7 @@ import numpy as np
 def hf_model(arch, params, dtype, device):
   import torch
   import transformers
-  from puzzle_jax import names
+  from puzzle_jax.core import names
   cfg = transformers.LlamaConfig(
       vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, num_attention_heads=arch.num_heads,
       num_key_value_heads=arch.blocks[0].attn.num_kv_heads, head_dim=arch.head_dim,
@@ -47,7 +47,8 @@ def median_time(fn, repeats: int) -> float:
 
 def main(argv=None) -> dict:
   import torch
-  from puzzle_jax import io, model
+  from puzzle_jax import io
+  from puzzle_jax.core import model
   ap = argparse.ArgumentParser()
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=256)

@@ -15,7 +15,7 @@ positions; or, where bf16 rounding alone flips more, ours must match the referen
 top-1 at least as often as its own bf16 run does), and float32 greedy tokens of a left-padded
 batch equal for 16 steps (JAX at "highest" matmul precision, torch without TF32). The reference
 is transformers, except for `child-random`: a heterogeneous child is no Llama, so it is checked
-against `puzzle_jax.model`, and a uniform parent of the same dims (random weights) is timed beside
+against `puzzle_jax.core.model`, and a uniform parent of the same dims (random weights) is timed beside
 it for predicted-vs-measured speedups. `8b-random` checks agreement on a 2-layer cut of the same
 shapes (float32 copies of all 8B weights in both frameworks would not fit) and times our path only.
 
@@ -50,8 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzle_jax import infer, io, model, names
-from puzzle_jax.arch import Arch, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
+from puzzle_jax import infer, io
+from puzzle_jax.core import model
+from puzzle_jax.core import names
+from puzzle_jax.core.arch import Arch, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ("smollm2", "smollm2-random", "8b-random", "child-random")
@@ -210,7 +212,7 @@ def agreement_tokens(name: str, arch: Arch, sizes: Sizes, gguf: str | None) -> t
   B, L = sizes.agree
   P = max(8, sizes.prompt_len // 4)
   if name == "smollm2":
-    from puzzle_jax import tokenizer
+    from puzzle_jax.io import tokenizer
     tok = tokenizer.Tokenizer.from_gguf(gguf or io.smollm2_gguf_path())
     text = (REPO / "data" / "wikitext2" / "valid.txt").read_text(encoding="utf-8")
     ids = np.asarray(tok.encode(" ".join(l.strip() for l in text.splitlines()[:400] if l.strip())), np.int32)
@@ -227,7 +229,7 @@ def agreement_tokens(name: str, arch: Arch, sizes: Sizes, gguf: str | None) -> t
 
 def check_agreement(name: str, arch: Arch, params, sizes: Sizes, device: str, gguf: str | None,
                     attn_impl: str = "auto") -> dict:
-  """bf16 prefill top-1 and float32 greedy tokens, ours vs transformers (child: vs puzzle_jax.model).
+  """bf16 prefill top-1 and float32 greedy tokens, ours vs transformers (child: vs puzzle_jax.core.model).
 
   Top-1 passes at >= 99% agreement with the reference's bf16 logits, or when ours agrees with the
   reference's float32 top-1 at least as often as the reference's own bf16 run does (within 0.5%):
@@ -247,7 +249,7 @@ def check_agreement(name: str, arch: Arch, params, sizes: Sizes, device: str, gg
   if name == "child-random":
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     ref16 = np.asarray(jax.jit(model.forward, static_argnums=0)(arch, p16, batch))
-    against = "puzzle_jax.model"
+    against = "puzzle_jax.core.model"
   else:
     import torch
     hf = hf_llama(arch, params, device)

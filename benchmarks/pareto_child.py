@@ -11,8 +11,9 @@ import json
 import pathlib
 import sys
 
-from puzzle_jax import export, realize
-from puzzle_jax.arch import Arch
+from puzzle_jax import export
+from puzzle_jax.search import realize
+from puzzle_jax.core.arch import Arch
 
 
 def main(solution: str, parent_dir: str, target: str, out: str) -> pathlib.Path:

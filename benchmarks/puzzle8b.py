@@ -42,9 +42,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from puzzle_jax import candidates as cands
-from puzzle_jax import costs, export, mip, realize, scoring, search
-from puzzle_jax.arch import Arch, AttnSpec, FFNSpec, RopeSpec, spec_from_key
+from puzzle_jax.search import candidates as cands
+from puzzle_jax import export
+from puzzle_jax.search import costs
+from puzzle_jax.search import mip
+from puzzle_jax.search import realize
+from puzzle_jax.search import scoring
+from puzzle_jax.search import select as search
+from puzzle_jax.core.arch import Arch, AttnSpec, FFNSpec, RopeSpec, spec_from_key
 from puzzle_jax.workdir import write_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from puzzle_jax import model
+from puzzle_jax.core import model
 
 
 def resolve_checkpoint(config, which: str):

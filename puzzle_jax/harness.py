@@ -5,7 +5,7 @@
     python -m puzzle_jax.harness costs --arch-from DIR --keys k1,k2,... --batch B --prompt-len L \
         --gen-len G --out costs.json [--check-whole]
 
-What it measures, on an exported directory (`puzzle_jax.export`, loaded with
+What it measures, on an exported directory (`puzzle_jax.export.nemotron_nas`, loaded with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`):
   prefill   tokens/s of one prompt batch [B, L] (KV written, last-position logits), median of repeats.
   decode    tokens/s over `new_tokens` greedy steps after a prompt of `decode_context` tokens.
@@ -26,9 +26,9 @@ one step can be captured as a CUDA graph and replayed with no host work ("graphs
 `torch.compile(mode="reduce-overhead")` ("compile"); "eager" runs the same code directly (CPU).
 Attention reads the cache up to the current length rounded up to `bucket` slots (one graph per
 bucket), as a length-aware kernel would, instead of all S slots. The test proves greedy tokens equal
-`model.generate(do_sample=False)` of the HF module and `puzzle_jax.model.generate`.
+`model.generate(do_sample=False)` of the HF module and `puzzle_jax.core.model.generate`.
 
-Axis legend as in `puzzle_jax.arch`: B batch, L prompt, S cache slots, D hidden, N query heads,
+Axis legend as in `puzzle_jax.core.arch`: B batch, L prompt, S cache slots, D hidden, N query heads,
 K kv heads, G = N / K, H head dim, V vocab.
 """
 
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from puzzle_jax.arch import DTYPE_BYTES, Arch, AttnSpec, BlockSpec, FFNSpec
+from puzzle_jax.core.arch import DTYPE_BYTES, Arch, AttnSpec, BlockSpec, FFNSpec
 
 BUCKET = 64  # cache slots attention reads are rounded up to this (a multiple of 16 keeps SDPA masks aligned).
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,7 +83,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
   import transformers
   device = torch.device(device) if device is not None else device_default()
   if random_weights:
-    from puzzle_jax.hf_export import configuration_decilm, modeling_decilm
+    from puzzle_jax.export.hf_export import configuration_decilm, modeling_decilm
     cfg = configuration_decilm.DeciLMConfig.from_pretrained(str(path))
     with device:
       m = modeling_decilm.DeciLMForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
@@ -220,7 +220,7 @@ class StaticRunner:
 
   `prefill(tokens, mask)` fills slots [0, L) and emits the first token; each `step()` feeds the last
   token, writes slot `length`, emits the next. After a stop id a row repeats the first stop id (as
-  `puzzle_jax.model.generate`); `n_gen` counts tokens up to and including the first stop.
+  `puzzle_jax.core.model.generate`); `n_gen` counts tokens up to and including the first stop.
   """
 
   def __init__(self, model: torch.nn.Module, batch: int, max_len: int, *, mode: str = "eager",
@@ -228,7 +228,7 @@ class StaticRunner:
     base = model.model
     if not hasattr(base, "runs") or not hasattr(base, "attention_layers"):
       raise TypeError(f"{type(model).__name__} is not the shipped DeciLM modeling code "
-                      "(export the model with puzzle_jax.export)")
+                      "(export the model with puzzle_jax.export.nemotron_nas)")
     if mode not in ("eager", "graphs", "compile"):
       raise ValueError(f"mode must be 'eager', 'graphs' or 'compile', got {mode!r}")
     self.model, self.base, self.batch, self.bucket, self.mode = model, base, batch, bucket, mode
@@ -719,7 +719,7 @@ def _one_layer(arch: Arch, spec: AttnSpec | FFNSpec, dtype: torch.dtype, device:
                seed: int) -> tuple[torch.nn.Module, Any]:
   """A `DeciLMDecoderLayer` holding only `spec` (the other sub-block no-op), weights N(0, 1/fan_in)
   as costs.py draws them, norms 1. Built from the shipped modeling code itself."""
-  from puzzle_jax.hf_export import configuration_decilm, modeling_decilm
+  from puzzle_jax.export.hf_export import configuration_decilm, modeling_decilm
   block = BlockSpec(spec, FFNSpec("noop")) if isinstance(spec, AttnSpec) else BlockSpec(AttnSpec("noop"), spec)
   one = dataclasses.replace(arch, blocks=(block,))
   with warnings.catch_warnings():  # widths off the 256 grid warn about vLLM's ffn_mult (irrelevant here)
@@ -765,8 +765,8 @@ def _subblock_fn(arch: Arch, spec: AttnSpec | FFNSpec, sc, mode: str, dtype: tor
                  device: torch.device, seed: int) -> tuple[Callable[[], None], int]:
   """(fn, applications per call): one pass over the copies, each output added to the residual
   stream that feeds the next (no work can be hoisted or dropped), as costs.py times it."""
-  from puzzle_jax import costs
-  from puzzle_jax.hf_export import modeling_decilm
+  from puzzle_jax.search import costs
+  from puzzle_jax.export.hf_export import modeling_decilm
   gqa = isinstance(spec, AttnSpec) and spec.kind == "gqa"
   layer, cfg = _one_layer(arch, spec, dtype, device, seed)
   ctx, length, slots = _bench_ctx(modeling_decilm.DeciLMRotaryEmbedding(cfg), spec, sc, mode, dtype, device)
@@ -794,7 +794,7 @@ def _fixed_fn(arch: Arch, sc, mode: str, dtype: torch.dtype, device: torch.devic
               seed: int) -> Callable[[], None]:
   """Embedding lookup, final norm and LM head at the last position + greedy argmax (what the runner
   does per step / per prompt), the token fed back into the next call."""
-  from puzzle_jax.hf_export import modeling_decilm
+  from puzzle_jax.export.hf_export import modeling_decilm
   g = torch.Generator().manual_seed(seed)
   v, d = arch.vocab_size, arch.hidden_size
   emb = torch.nn.Embedding(v, d).to(device, dtype)
@@ -848,7 +848,7 @@ def cost_table_torch(hidden_size: int, num_heads: int, head_dim: int, vocab_size
            JAX table computes logits at every prompt position instead). Weights/activations in
            `scenario.dtype`; the cache is timed in that dtype too, `kv_bytes` count `kv_dtype`.
   """
-  from puzzle_jax import costs
+  from puzzle_jax.search import costs
   dev = torch.device(device) if device is not None else device_default()
   dtype = TORCH_DTYPES[scenario.dtype]
   arch = _arch_dims(hidden_size, num_heads, head_dim, vocab_size, tie_embeddings=tie_embeddings, rms_eps=rms_eps)
@@ -869,7 +869,7 @@ def cost_table_torch(hidden_size: int, num_heads: int, head_dim: int, vocab_size
 
 
 def _measure_variant(arch: Arch, spec, sc, dtype: torch.dtype, dev: torch.device, seed: int) -> dict[str, Any]:
-  from puzzle_jax import costs
+  from puzzle_jax.search import costs
   mem = costs._memory(arch, spec, sc)
   if spec.kind == "noop":
     return {**costs._stats(*[{"s": 0.0, "min": 0.0, "iqr": 0.0, "reps": 0}] * 2), **mem}
@@ -887,7 +887,7 @@ def predicted_vs_measured(table: dict[str, Any], arch: Arch, measured: dict[str,
   `measured`: a `measure_model` result (its decode entry at the table's batch gives the mean step
   time, its prefill entry at (batch, prompt_len) the prefill time), or a decode step time in seconds.
   Measure with decode_context = prompt_len and new_tokens = gen_len, so the mean context matches."""
-  from puzzle_jax import costs
+  from puzzle_jax.search import costs
   pred = costs.predicted_totals(arch, table)
   sc = table["scenario"]
   meas: dict[str, float | None] = {"decode_s": None, "prefill_s": None}
@@ -1057,7 +1057,7 @@ def cmd_measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_costs(args: argparse.Namespace) -> dict[str, Any]:
-  from puzzle_jax import costs
+  from puzzle_jax.search import costs
   arch = Arch.from_hf_config(json.loads((pathlib.Path(args.arch_from) / "config.json").read_text()))
   keys = [k for k in args.keys.split(",") if k] if args.keys else costs.arch_keys(arch)
   if args.check_whole:  # the parts of this arch must be in the table to predict it

@@ -1,6 +1,6 @@
 """Fast inference: a bf16 prefill and a fully-jitted decode loop over heterogeneous children.
 
-Same semantics as `puzzle_jax.model` (the reference: same RoPE, norms, masks, sampling and
+Same semantics as `puzzle_jax.core.model` (the reference: same RoPE, norms, masks, sampling and
 `generate` conventions), laid out for speed:
 
 * `prepare(arch, params, dtype)` converts `model` params once, outside jit, into `InferParams`:
@@ -29,7 +29,7 @@ Same semantics as `puzzle_jax.model` (the reference: same RoPE, norms, masks, sa
   each run of identical blocks as one kernel (grid barriers between its phases), "pallas" each
   block as five fused kernels (also the fallback for parallel groups under "persistent").
 
-Axis legend: as in `puzzle_jax.arch` (B batch, L tokens, S cache slots, D hidden, N query heads,
+Axis legend: as in `puzzle_jax.core.arch` (B batch, L tokens, S cache slots, D hidden, N query heads,
 K kv heads, G = N/K, H head dim, F FFN width, V vocab), plus n = layers in a scanned run,
 A = N*H attention width, E = (N + 2K)*H fused q/k/v width, T new tokens.
 """
@@ -44,8 +44,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from puzzle_jax import kernels, model
-from puzzle_jax.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, parallel_runs
+from puzzle_jax import kernels
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, parallel_runs
 
 Params = dict[str, Any]
 Cache = dict[str, Any]

@@ -19,7 +19,7 @@ weight (a matrix-vector product as a multiply-reduce: Triton's `dot` needs 16 ro
 sum of squares is accumulated next to the product and applied at the end. Attention splits the
 cache into C chunks (flash-decoding); their partial softmax states are merged by every program of
 the output projection, which needs the whole attention output anyway, so the split costs no
-extra kernel. Numerics follow `puzzle_jax.model` (float32 accumulation, projections rounded to the
+extra kernel. Numerics follow `puzzle_jax.core.model` (float32 accumulation, projections rounded to the
 activation dtype before the residual add and before SiLU) except that the normalized activations
 and softmax weights are not rounded to bf16 before their products (exact in float32).
 

@@ -7,14 +7,14 @@ import importlib
 # stage -> "module:function"; imported lazily so `--help` and light stages start fast.
 STAGES = {
     "import": "puzzle_jax.workdir:run_import",
-    "bld": "puzzle_jax.bld:run",
-    "score": "puzzle_jax.scoring:run",
-    "costs": "puzzle_jax.costs:run",
-    "mip": "puzzle_jax.search:run",
-    "realize": "puzzle_jax.realize:run",
-    "evaluate": "puzzle_jax.evaluate:run",
+    "bld": "puzzle_jax.search.bld:run",
+    "score": "puzzle_jax.search.scoring:run",
+    "costs": "puzzle_jax.search.costs:run",
+    "mip": "puzzle_jax.search.select:run",
+    "realize": "puzzle_jax.search.realize:run",
+    "evaluate": "puzzle_jax.search.evaluate:run",
     "generate": "puzzle_jax.generate:run",
-    "export": "puzzle_jax.export:run",
+    "export": "puzzle_jax.export.nemotron_nas:run",
     "run": "puzzle_jax.workdir:run_all",
 }
 

@@ -100,7 +100,8 @@ def load_parent(config):
 
 def import_parent(config) -> pathlib.Path:
   import jax.numpy as jnp
-  from puzzle_jax import io, tokenizer
+  from puzzle_jax import io
+  from puzzle_jax.io import tokenizer
   paths = Paths.from_config(config)
   src = parent_source(config)
   arch, params = io.load_pretrained(src, dtype=jnp.dtype(config.parent.dtype))
@@ -112,7 +113,7 @@ def import_parent(config) -> pathlib.Path:
 
 
 def load_tok(config):
-  from puzzle_jax import tokenizer
+  from puzzle_jax.io import tokenizer
   paths = Paths.from_config(config)
   if not (paths.tokenizer / "tokenizer.json").exists():
     import_parent(config)
@@ -127,14 +128,14 @@ def doc_separator(tok) -> int | None:
 
 
 def _source(config, split: str):
-  from puzzle_jax import data
+  from puzzle_jax.io import data
   data_dir = config.data.data_dir or str(Paths.from_config(config).tfds)
   return data.text_source(config.data.name, split, data_dir, local_dir=config.data.local_dir)
 
 
 def heldout_tokens(config, tok, num_seqs: int, seq_len: int, split: str | None = None) -> np.ndarray:
   """A fixed [num_seqs, seq_len] token set from the held-out split (deterministic)."""
-  from puzzle_jax import data
+  from puzzle_jax.io import data
   src = _source(config, split or config.data.eval_split)
   return data.token_array(src, tok.encode, seq_len, num_seqs, bos_id=None, eos_id=doc_separator(tok),
                           seed=config.seed, text_key=config.data.text_key)
@@ -144,7 +145,7 @@ class TrainBatches:
   """Adapts the grain iterator to BLD's BatchIterator protocol (arrays + JSON state)."""
 
   def __init__(self, config, tok, batch_size: int, seq_len: int):
-    from puzzle_jax import data
+    from puzzle_jax.io import data
     src = _source(config, config.data.train_split)
     ds = data.packed_dataset(src, tok.encode, seq_len, seed=config.seed, bos_id=None,
                              eos_id=doc_separator(tok), text_key=config.data.text_key)

@@ -1,6 +1,6 @@
 """Shared tiny test architectures (imported by several test modules)."""
 
-from puzzle_jax.arch import Arch, AttnSpec, BlockSpec, FFNSpec, RopeSpec
+from puzzle_jax.core.arch import Arch, AttnSpec, BlockSpec, FFNSpec, RopeSpec
 
 VOCAB = 97
 EOS = 2
@@ -30,7 +30,7 @@ def random_params(arch: Arch, seed: int = 0) -> dict:
   N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2) so the norms matter."""
   import jax
   import numpy as np
-  from puzzle_jax import model
+  from puzzle_jax.core import model
   rng = np.random.RandomState(seed)
   abstract = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch))
 

@@ -52,7 +52,7 @@ def smollm2_small(smollm2_parent):
 def real_tokens(smollm2_gguf, wikitext_lines):
   """[16, 128] tokens of real WikiText-2 text under the parent's tokenizer."""
   import numpy as np
-  from puzzle_jax.tokenizer import load_tokenizer
+  from puzzle_jax.io.tokenizer import load_tokenizer
   tok = load_tokenizer(smollm2_gguf)
   ids = [t for line in wikitext_lines[:120] for t in tok.encode(line)]
   assert len(ids) >= 16 * 128

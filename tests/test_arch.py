@@ -5,8 +5,9 @@ import json
 import jax
 import pytest
 
-from puzzle_jax import hf_config, model
-from puzzle_jax.arch import Arch, ArchError, AttnSpec, FFNSpec, spec_from_key, uniform_arch, variant_key
+from puzzle_jax.core import hf_config
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, FFNSpec, spec_from_key, uniform_arch, variant_key
 
 
 def test_kv_bytes_use_head_dim_not_hidden_over_heads():

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from puzzle_jax import bld, candidates as cands, model
-from puzzle_jax.arch import uniform_arch
+from puzzle_jax.search import bld
+from puzzle_jax.search import candidates as cands
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import uniform_arch
 
 ARCH = uniform_arch(vocab_size=128, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
                     intermediate_size=64)

@@ -8,8 +8,9 @@ import pathlib
 import jax
 import pytest
 
-from puzzle_jax import costs, model
-from puzzle_jax.arch import ArchError, AttnSpec, FFNSpec, spec_from_key, uniform_arch
+from puzzle_jax.search import costs
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import ArchError, AttnSpec, FFNSpec, spec_from_key, uniform_arch
 
 # head_dim 24 != hidden / heads = 16, so any D/N slip shows in the KV bytes.
 ARCH = uniform_arch(vocab_size=256, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,

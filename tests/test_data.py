@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from puzzle_jax import data
+from puzzle_jax.io import data
 
 BOS, EOS = 256, 257
 

@@ -20,8 +20,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from puzzle_jax import export as ex
-from puzzle_jax import hf_export, model, names
-from puzzle_jax.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
+from puzzle_jax.export import hf_export
+from puzzle_jax.core import model
+from puzzle_jax.core import names
+from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
 from archs import hetero_child, random_params
 
 V, L, NEW = 97, 12, 16
@@ -296,9 +298,9 @@ def test_round_trip_bitwise(hetero):
 
 
 def test_round_trip_through_load_pretrained(hetero):
-  io = pytest.importorskip("puzzle_jax.io")
+  io = pytest.importorskip("puzzle_jax.io.checkpoint")
   if not hasattr(io, "load_pretrained"):
-    pytest.skip("puzzle_jax.io.load_pretrained not written yet")
+    pytest.skip("puzzle_jax.io.checkpoint.load_pretrained not written yet")
   arch, params, out = hetero
   arch2, params2 = io.load_pretrained(out)
   assert arch2 == arch
@@ -339,7 +341,7 @@ def test_reexport_replaces_and_foreign_dir_is_refused(tmp_path):
 
 def test_tokenizer_is_saved_and_loads_in_transformers(tmp_path):
   tokenizers = pytest.importorskip("tokenizers")
-  from puzzle_jax.tokenizer import Tokenizer
+  from puzzle_jax.io.tokenizer import Tokenizer
   vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
   backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()

@@ -1,5 +1,5 @@
 """PyTorch serving harness, on CPU: the static-cache runner gives the greedy tokens of HF
-`generate(do_sample=False)` and of `puzzle_jax.model.generate`; measurements have the right keys;
+`generate(do_sample=False)` and of `puzzle_jax.core.model.generate`; measurements have the right keys;
 request-level counts follow EOS; cost tables validate; both CLI commands run end to end.
 
 The child covers every sub-block kind: KV heads 4/2/1, a sliding window, linear attention and FFN,
@@ -17,9 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from puzzle_jax import costs, harness, model
+from puzzle_jax import harness
+from puzzle_jax.search import costs
+from puzzle_jax.core import model
 from puzzle_jax import export as ex
-from puzzle_jax.arch import Arch, FFNSpec, uniform_arch
+from puzzle_jax.core.arch import Arch, FFNSpec, uniform_arch
 from archs import hetero_child, random_params
 
 V, L, NEW = 97, 12, 16

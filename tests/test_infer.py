@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from puzzle_jax import infer, io, kernels, model
-from puzzle_jax.arch import Arch, AttnSpec, BlockSpec, FFNSpec, uniform_arch
+from puzzle_jax import infer, io, kernels
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import Arch, AttnSpec, BlockSpec, FFNSpec, uniform_arch
 
 A, F = AttnSpec, FFNSpec
 FULL = BlockSpec(A("gqa", num_kv_heads=2), F("swiglu", 48))

@@ -1,4 +1,4 @@
-"""puzzle_jax.io: parity with transformers on real SmolLM2 and a sharded tiny Llama, strict errors,
+"""puzzle_jax.io.checkpoint: parity with transformers on real SmolLM2 and a sharded tiny Llama, strict errors,
 GGUF decoding, orbax checkpoints."""
 
 import json
@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from puzzle_jax import io, model, names
-from puzzle_jax.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
-from puzzle_jax.tokenizer import load_tokenizer
+from puzzle_jax import io
+from puzzle_jax.core import model
+from puzzle_jax.core import names
+from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
+from puzzle_jax.io.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

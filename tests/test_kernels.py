@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from puzzle_jax import infer, kernels, model
-from puzzle_jax.arch import RopeSpec
+from puzzle_jax import infer, kernels
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import RopeSpec
 
 RNG = np.random.default_rng(0)
 
@@ -79,7 +80,7 @@ def test_decode_attention_rejects_bad_cache():
 def test_fused_decode_lowers_to_triton(monkeypatch):
   """The kernels run interpreted here; lowering the whole fused generate loop for CUDA (no GPU
   needed) checks what only the GPU would otherwise catch: every op has a Triton lowering."""
-  from puzzle_jax.arch import uniform_arch
+  from puzzle_jax.core.arch import uniform_arch
   monkeypatch.setattr(kernels, "_interpret", lambda: False)
   arch = uniform_arch(vocab_size=256, hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1,
                       intermediate_size=160, head_dim=64)
@@ -102,7 +103,7 @@ def test_fused_decode_lowers_to_triton(monkeypatch):
 def test_persistent_decode_lowers_to_triton(monkeypatch, barrier):
   """The persistent segment kernel with one program per SM of an H100/H200 (132; barriers, atomics
   and volatile loads only exist there) lowers to Triton for CUDA: one kernel per run of blocks."""
-  from puzzle_jax.arch import AttnSpec, BlockSpec, FFNSpec, uniform_arch
+  from puzzle_jax.core.arch import AttnSpec, BlockSpec, FFNSpec, uniform_arch
   from jax._src.lib.triton import dialect as tt
   from jax._src.pallas.triton import lowering as tl
   monkeypatch.setattr(kernels, "_interpret", lambda: False)
@@ -211,7 +212,7 @@ def test_segment_state_carries_across_calls(dtype):
   """A persistent segment with a `SegmentState` (residual buffers rotating on from call to call,
   tagged q/k/v words kept, the input read in place, RoPE tables indexed in the kernel) gives the
   results of fresh buffers every call, over consecutive decode steps."""
-  from puzzle_jax.arch import uniform_arch
+  from puzzle_jax.core.arch import uniform_arch
   # 2 layers: 4 flips per call, so the rotation does not come back to buffer 0 by itself
   arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                       intermediate_size=128, head_dim=32)

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from puzzle_jax import mip
-from puzzle_jax.mip import InfeasibleError, LayerOptions, Option
+from puzzle_jax.search import mip
+from puzzle_jax.search.mip import InfeasibleError, LayerOptions, Option
 
 PARENT = ("attn/parent", "ffn/parent")
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from puzzle_jax import model
-from puzzle_jax.arch import AttnSpec, FFNSpec, RopeSpec, uniform_arch
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import AttnSpec, FFNSpec, RopeSpec, uniform_arch
 
 BASE = uniform_arch(vocab_size=97, hidden_size=48, num_layers=8, num_heads=6, num_kv_heads=3,
                     intermediate_size=96, head_dim=16,

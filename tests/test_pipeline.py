@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from puzzle_jax import io, workdir
-from puzzle_jax.arch import spec_from_key
+from puzzle_jax.core.arch import spec_from_key
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

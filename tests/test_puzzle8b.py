@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 
 from benchmarks import puzzle8b as P
-from puzzle_jax import costs, mip, realize, scoring, search
+from puzzle_jax.search import costs
+from puzzle_jax.search import mip
+from puzzle_jax.search import realize
+from puzzle_jax.search import scoring
+from puzzle_jax.search import select as search
 from puzzle_jax import export as ex
-from puzzle_jax.arch import Arch, uniform_arch
+from puzzle_jax.core.arch import Arch, uniform_arch
 
 PARENT_DIR = P.REPO / "benchmarks" / "data" / "llama8b_parent"
 PROXY = P.REPO / "benchmarks" / "data" / "llama8b_proxy_scores.json"

@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from puzzle_jax import bld, candidates as cands, scoring
+from puzzle_jax.search import bld
+from puzzle_jax.search import candidates as cands
+from puzzle_jax.search import scoring
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,8 @@ def test_noop_worse_than_parent_on_average(library, scores):
 
 def test_score_equals_explicit_child_forward(smollm2_small, library, scores, real_tokens):
   """The fast path (parent once to layer i, vmapped tail) equals building the child and running it."""
-  from puzzle_jax.evaluate import Reference
-  from puzzle_jax.realize import parent_choices, realize
+  from puzzle_jax.search.evaluate import Reference
+  from puzzle_jax.search.realize import parent_choices, realize
   arch, params = smollm2_small
   ref = Reference(arch, params, real_tokens[14:16, :64], batch_size=2)
   for cid in ("L001/attn/gqa_kv1", "L002/ffn/swiglu_768", "L003/attn/linear", "L000/ffn/noop"):

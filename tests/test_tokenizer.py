@@ -1,4 +1,4 @@
-"""puzzle_jax.tokenizer: ids, chat template and files identical to transformers' on SmolLM2."""
+"""puzzle_jax.io.tokenizer: ids, chat template and files identical to transformers' on SmolLM2."""
 
 import json
 
@@ -6,7 +6,7 @@ import gguf
 import jinja2
 import pytest
 
-from puzzle_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from puzzle_jax.io.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

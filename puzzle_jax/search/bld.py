@@ -25,10 +25,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from puzzle_jax import candidates as cands
-from puzzle_jax import model
-from puzzle_jax.arch import Arch, variant_key
-from puzzle_jax.candidates import Candidate
+from puzzle_jax.search import candidates as cands
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import Arch, variant_key
+from puzzle_jax.search.candidates import Candidate
 
 Params = dict[str, Any]
 
@@ -406,7 +406,7 @@ def save_library(path: pathlib.Path, arch: Arch, library: Sequence[Candidate], g
 
 def load_library(path: pathlib.Path) -> Library:
   import orbax.checkpoint as ocp
-  from puzzle_jax.arch import spec_from_key
+  from puzzle_jax.core.arch import spec_from_key
   meta = path / "library.json"
   if not meta.exists():
     raise FileNotFoundError(f"{meta} missing: the BLD stage has not finished; run `python -m "

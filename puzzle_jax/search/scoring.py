@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzle_jax import candidates as cands
-from puzzle_jax import model
-from puzzle_jax.arch import Arch, ArchError
+from puzzle_jax.search import candidates as cands
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import Arch, ArchError
 
 Params = dict[str, Any]
 METRICS = ("kl", "lm_loss_delta", "one_minus_top1")
@@ -204,7 +204,8 @@ def plot_heatmap(scores: Mapping[str, dict], library, png: pathlib.Path, metric:
 
 def run(config) -> pathlib.Path:
   """`python -m puzzle_jax score`: replace-1-block scores of the whole library."""
-  from puzzle_jax import bld, workdir as W
+  from puzzle_jax import workdir as W
+  from puzzle_jax.search import bld
   paths = W.Paths.from_config(config)
   if W.finished("score", paths.scores):
     return paths.scores

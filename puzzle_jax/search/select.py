@@ -13,9 +13,9 @@ import dataclasses
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from puzzle_jax import mip
-from puzzle_jax.candidates import CandidateSet
-from puzzle_jax.realize import parent_choices
+from puzzle_jax.search import mip
+from puzzle_jax.search.candidates import CandidateSet
+from puzzle_jax.search.realize import parent_choices
 
 COST_FIELDS = ("decode_s", "prefill_s", "weight_bytes", "kv_bytes", "params")
 
@@ -111,7 +111,10 @@ def build_problem(library: CandidateSet, scores, table, metric: str, targets: Ta
 
 
 def load_problem(config) -> Problem:
-  from puzzle_jax import bld, costs, scoring, workdir as W
+  from puzzle_jax import workdir as W
+  from puzzle_jax.search import bld
+  from puzzle_jax.search import costs
+  from puzzle_jax.search import scoring
   paths = W.Paths.from_config(config)
   library = bld.load_library(paths.library)
   table = costs.load_cost_table(paths.costs, library.arch, sorted(library.keys))

@@ -6,8 +6,8 @@ import dataclasses
 import pathlib
 from typing import Any, Sequence
 
-from puzzle_jax.arch import Arch, BlockSpec, spec_from_key
-from puzzle_jax.candidates import Candidate
+from puzzle_jax.core.arch import Arch, BlockSpec, spec_from_key
+from puzzle_jax.search.candidates import Candidate
 
 Params = dict[str, Any]
 Choices = Sequence[tuple[str, str]]  # per layer: (attention variant key, FFN variant key)
@@ -36,14 +36,15 @@ def realize(library, parent_params: Params, choices: Choices) -> tuple[Arch, Par
 
 
 def parent_choices(arch: Arch) -> list[tuple[str, str]]:
-  from puzzle_jax.arch import variant_key
+  from puzzle_jax.core.arch import variant_key
   return [(variant_key(b.attn), variant_key(b.ffn)) for b in arch.blocks]
 
 
 def run(config) -> pathlib.Path:
   """`python -m puzzle_jax realize`: the MIP's choice -> child checkpoint (orbax + arch.json)."""
   import json
-  from puzzle_jax import bld, io, workdir as W
+  from puzzle_jax import io, workdir as W
+  from puzzle_jax.search import bld
   paths = W.Paths.from_config(config)
   if W.finished("realize", paths.child, paths.child / "arch.json"):
     return paths.child

@@ -133,7 +133,7 @@ class Tokenizer:
   @classmethod
   def from_gguf(cls, path: str | pathlib.Path) -> Tokenizer:
     """Byte-level BPE from a GGUF's `tokenizer.ggml.*` metadata, as transformers builds it."""
-    from puzzle_jax.io import open_gguf
+    from puzzle_jax.io.checkpoint import open_gguf
     path = pathlib.Path(path)
     if not path.is_file():
       raise TokenizerError(f"{path} does not exist")

@@ -34,7 +34,7 @@ median over `repeats` calls (after `warmup` calls), plus min and IQR, and `*_rep
 applications per timed call.
 No-op variants cost exactly 0 and are not timed.
 
-Axis legend as in `puzzle_jax.arch`: B batch, L prompt, S cache slots, D hidden, K kv heads, H head dim.
+Axis legend as in `puzzle_jax.core.arch`: B batch, L prompt, S cache slots, D hidden, K kv heads, H head dim.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from puzzle_jax import model
-from puzzle_jax.arch import (DTYPE_BYTES, Arch, ArchError, AttnSpec, FFNSpec, attn_flops, ffn_flops,
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import (DTYPE_BYTES, Arch, ArchError, AttnSpec, FFNSpec, attn_flops, ffn_flops,
                              kv_bytes_per_token, spec_from_key, variant_key)
 
 FORMAT = "puzzle_jax.costs/v1"
@@ -561,7 +561,8 @@ def analytic_table(arch: Arch, keys: Iterable[str], scenario: Scenario, *, peak_
 def run(config) -> pathlib.Path:
   """`python -m puzzle_jax costs`: measure every library variant, or a roofline estimate of each
   (`costs.backend="analytic"`), or validate a given table (`costs.table`)."""
-  from puzzle_jax import bld, workdir as W
+  from puzzle_jax import workdir as W
+  from puzzle_jax.search import bld
   paths = W.Paths.from_config(config)
   if W.finished("costs", paths.costs):
     return paths.costs

@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzle_jax import model, names
-from puzzle_jax.arch import DTYPE_BYTES, Arch, ArchError, RopeSpec, uniform_arch
+from puzzle_jax.core import model
+from puzzle_jax.core import names
+from puzzle_jax.core.arch import DTYPE_BYTES, Arch, ArchError, RopeSpec, uniform_arch
 
 if TYPE_CHECKING:
   import gguf

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzle_jax import model
-from puzzle_jax.arch import Arch, ArchError, AttnSpec, FFNSpec, divisors, round_up, variant_key
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, FFNSpec, divisors, round_up, variant_key
 
 Params = dict[str, Any]
 SUBS = ("attn", "ffn")

@@ -1,7 +1,7 @@
 """Export an architecture + params as a Hugging Face directory (nemotron-nas / DeciLM).
 
 The directory holds `config.json` (`Arch.to_hf_config`, the NVIDIA `block_configs` format),
-safetensors weights under the HF names of `puzzle_jax.names` (one `model.safetensors`, or shards plus
+safetensors weights under the HF names of `puzzle_jax.core.names` (one `model.safetensors`, or shards plus
 `model.safetensors.index.json` above `max_shard_bytes`), the remote code of `puzzle_jax/hf_export`
 (so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` runs it),
 `generation_config.json` and, when given, the tokenizer. `export_config` writes the same directory
@@ -28,9 +28,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from puzzle_jax import hf_export, model, names
-from puzzle_jax.arch import Arch, ArchError
-from puzzle_jax.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
+from puzzle_jax.export import hf_export
+from puzzle_jax.core import model
+from puzzle_jax.core import names
+from puzzle_jax.core.arch import Arch, ArchError
+from puzzle_jax.core.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
 
 Params = dict[str, Any]
 

@@ -6,7 +6,7 @@ KV-head count (optionally sliding-window), a single linear map, or absent; each 
 own width, a single linear map, or absent. An absent sub-block owns no tensors and no norm. Blocks that
 share a `parallel_group` (and are consecutive) read the same input; their residual deltas are summed.
 
-Semantics follow puzzle_jax.model exactly: HF-order RMSNorm, rotate-half RoPE (llama3 scaling),
+Semantics follow puzzle_jax.core.model exactly: HF-order RMSNorm, rotate-half RoPE (llama3 scaling),
 scores and softmax in float32, window = keys with 0 <= q_slot - k_slot < window_length, left padding
 from `attention_mask` (positions count only real tokens), masked scores set to -1e30 (finite, so a
 padding row attends uniformly instead of producing NaN).

@@ -2,7 +2,7 @@
 
 A model is a tuple of per-layer `BlockSpec`s, each holding an attention and an FFN
 sub-block spec. Everything here is hashable, so an `Arch` can be a static argument
-of `jax.jit`. Params are separate pytrees (see `puzzle_jax.model`).
+of `jax.jit`. Params are separate pytrees (see `puzzle_jax.core.model`).
 
 Axis legend used across the package:
   B batch, L sequence (queries), S keys / cache slots, D hidden, N query heads,
@@ -179,11 +179,11 @@ class Arch:
   # ---------------------------------------------------------------- HF config I/O
   @classmethod
   def from_hf_config(cls, cfg: dict[str, Any]) -> Arch:
-    from puzzle_jax import hf_config
+    from puzzle_jax.core import hf_config
     return hf_config.arch_from_hf(cfg)
 
   def to_hf_config(self, *, dtype: str = "bfloat16") -> dict[str, Any]:
-    from puzzle_jax import hf_config
+    from puzzle_jax.core import hf_config
     return hf_config.arch_to_hf(self, dtype=dtype)
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzle_jax.arch import Arch, AttnSpec, ArchError, FFNSpec, RopeSpec, parallel_runs
+from puzzle_jax.core.arch import Arch, AttnSpec, ArchError, FFNSpec, RopeSpec, parallel_runs
 
 Params = dict[str, Any]
 Cache = dict[str, Any]

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzle_jax import model
-from puzzle_jax.arch import Arch, variant_key
-from puzzle_jax.scoring import token_metrics
+from puzzle_jax.core import model
+from puzzle_jax.core.arch import Arch, variant_key
+from puzzle_jax.search.scoring import token_metrics
 
 Params = dict[str, Any]
 
@@ -94,8 +94,8 @@ def uniform_choices(num_layers: int, attn_keys: Sequence[str], ffn_keys: Sequenc
 def compare_at(problem, library, parent_params: Params, ref: Reference, bi: np.ndarray,
                speedup: float) -> dict[str, dict]:
   """MIP child vs the two baselines at one decode-speed target (same budgets), measured."""
-  from puzzle_jax import mip
-  from puzzle_jax.realize import realize
+  from puzzle_jax.search import mip
+  from puzzle_jax.search.realize import realize
   n = library.arch.num_layers
   keys = lambda sub: [c.key for c in library.at(0, sub)
                       if all(c.key in {d.key for d in library.at(i, sub)} for i in range(n))]
@@ -122,7 +122,9 @@ def compare_at(problem, library, parent_params: Params, ref: Reference, bi: np.n
 
 def run(config) -> pathlib.Path:
   """`python -m puzzle_jax evaluate`: parent vs MIP child vs baselines, across the Pareto sweep."""
-  from puzzle_jax import bld, search, workdir as W
+  from puzzle_jax import workdir as W
+  from puzzle_jax.search import bld
+  from puzzle_jax.search import select as search
   paths = W.Paths.from_config(config)
   if W.finished("evaluate", paths.report):
     return paths.report
@@ -149,7 +151,7 @@ def run(config) -> pathlib.Path:
 
 def plot_sweep(report: Mapping[str, Any], png) -> None:
   """Measured KL to the parent vs predicted decode speedup, MIP vs baselines."""
-  from puzzle_jax import mip
+  from puzzle_jax.search import mip
   pts = [(name, r[name]["predicted_decode_speedup"], r[name]["kl"])
          for r in report["sweep"] for name in ("mip", "uniform", "shortgpt") if "kl" in r[name]]
   mip.plot_pareto(pts, png, xlabel="predicted decode speedup (cost model)",

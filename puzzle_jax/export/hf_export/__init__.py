@@ -1,4 +1,4 @@
-"""Transformers remote code shipped next to exported weights (see `puzzle_jax.export`).
+"""Transformers remote code shipped next to exported weights (see `puzzle_jax.export.nemotron_nas`).
 
 `configuration_decilm.py` and `modeling_decilm.py` import only torch and transformers: they are
 copied into the export directory and loaded with `trust_remote_code=True`, never imported here.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from puzzle_jax.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec
+from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec
 
 DECI_ARCH = "DeciLMForCausalLM"
 DECI_MODEL_TYPE = "nemotron-nas"
