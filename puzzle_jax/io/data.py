@@ -43,7 +43,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 WIKITEXT2_DIR = REPO / "data" / "wikitext2"
 EVAL_DIR = REPO / "data" / "eval"
 LOCAL_TEXT = "local_text"  # TFDS name of the builder below (from the class name)
