@@ -604,6 +604,10 @@ def validate(config) -> list[str]:
   errors += _list_problems(config) + _path_problems(config) + _mesh_problems(config.mesh)
   if _is_int(config.bld.warmup_steps) and _is_int(config.bld.steps) and config.bld.warmup_steps > config.bld.steps:
     errors.append(f"bld.warmup_steps={config.bld.warmup_steps}: more than bld.steps={config.bld.steps}")
+  d = config.distributed
+  if d.enabled and bool(d.coordinator_address) != (d.num_processes > 0):
+    errors.append("distributed: give coordinator_address and num_processes together (or neither: the "
+                  "cluster environment supplies both)")
   if not 0 < config.generate.top_p <= 1:
     errors.append(f"generate.top_p={config.generate.top_p!r}: must be in (0, 1]")
   if not errors and config.mip.solver not in _solvers():
@@ -671,11 +675,19 @@ def validate_or_raise(config) -> None:
     raise UserError("config: " + "\nconfig: ".join(errors))
 
 
+def distributed_kwargs(section) -> dict[str, Any]:
+  """`jax.distributed.initialize` arguments: the ones set in the config; the rest from the cluster env."""
+  kw = {"coordinator_address": section.coordinator_address or None,
+        "num_processes": section.num_processes or None,
+        "process_id": section.process_id if section.process_id >= 0 else None}
+  return {k: v for k, v in kw.items() if v is not None}
+
+
 def maybe_init_distributed(config) -> None:
-  """Multi-host: the same command on every host; the cluster env (SLURM, TPU, ...) gives the rest."""
-  if config.distributed and not _DIST["done"]:
+  """Multi-host: the same command on every host; jax connects them before any stage touches a device."""
+  if config.distributed.enabled and not _DIST["done"]:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(**distributed_kwargs(config.distributed))
     _DIST["done"] = True
 
 

@@ -215,3 +215,23 @@ def test_artifacts_json_helpers(tmp_path):
   with pytest.raises(artifacts.ArtifactError, match="not valid JSON"):
     artifacts.read_json(p)
   assert artifacts.diff({"a": {"b": 1}}, {"a": {"b": 2}, "c": 3}) == ["a.b: 1 -> 2", "c: '(absent)' -> 3"]
+
+
+def test_distributed_switch_reaches_jax_distributed_initialize(monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setitem(stages._DIST, "done", False)
+  c = tiny_config(tmp_path)
+  stages.maybe_init_distributed(c)
+  assert calls == []  # off by default
+  c.distributed.enabled = True
+  stages.maybe_init_distributed(c)
+  assert calls == [{}]  # everything from the cluster environment
+  monkeypatch.setitem(stages._DIST, "done", False)
+  c.distributed.coordinator_address, c.distributed.num_processes, c.distributed.process_id = "10.0.0.1:1234", 2, 1
+  assert stages.validate(c) == []
+  stages.main_command("bogus", c)  # an unknown command initializes nothing
+  stages.maybe_init_distributed(c)
+  assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+  c.distributed.num_processes = 0
+  assert any("coordinator_address and num_processes together" in e for e in stages.validate(c))
