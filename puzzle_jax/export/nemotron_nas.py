@@ -28,7 +28,6 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from puzzle_jax import artifacts
 from puzzle_jax.export import hf_export
 from puzzle_jax.core import model
 from puzzle_jax.core import names
@@ -174,11 +173,9 @@ def export(arch: Arch, params: Params, out_dir: str | pathlib.Path, *, tokenizer
   flat = check_params(arch, params)
 
   def weights(tmp: pathlib.Path) -> None:
-    files = write_weights(tmp, flat, dtype, max_shard_bytes)
+    write_weights(tmp, flat, dtype, max_shard_bytes)
     if tokenizer is not None:
       tokenizer.save(tmp)
-    artifacts.write_json(tmp / artifacts.MARKER, {"created_by": "puzzle_jax export", "dtype": dtype,
-                                                  "weights": files})
   return _write_export(arch, out, dtype, weights)
 
 
@@ -206,14 +203,19 @@ def _target(arch: Arch, out_dir: str | pathlib.Path, dtype: str) -> pathlib.Path
 
 
 def _earlier_export(out: pathlib.Path) -> bool:
-  """A directory this module wrote: its marker, or (weightless `export_config` output) nothing but
-  the config files and our remote code, byte for byte."""
-  if (out / artifacts.MARKER).is_file():
-    return True
+  """A directory this module wrote: our remote code byte for byte beside a config.json that maps to it,
+  or (weightless `export_config` output) nothing but the config files and that code."""
   names = {p.name for p in out.iterdir()}
-  if not names <= {CONFIG_FILE, GENERATION_CONFIG_FILE, *hf_export.FILES} or CONFIG_FILE not in names:
+  if CONFIG_FILE not in names:
     return False
-  return all((out / f).read_bytes() == (hf_export.DIR / f).read_bytes() for f in names & set(hf_export.FILES))
+  ours = lambda f: (out / f).read_bytes() == (hf_export.DIR / f).read_bytes()
+  if names <= {CONFIG_FILE, GENERATION_CONFIG_FILE, *hf_export.FILES}:
+    return all(ours(f) for f in names & set(hf_export.FILES))
+  try:
+    auto_map = json.loads((out / CONFIG_FILE).read_text()).get("auto_map")
+  except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    return False
+  return auto_map == AUTO_MAP and all(f in names and ours(f) for f in hf_export.FILES)
 
 
 def _write_export(arch: Arch, out: pathlib.Path, dtype: str, fill: Callable[[pathlib.Path], None],
