@@ -83,7 +83,7 @@ case "${1:-}" in
     ;;
   j)  # batch-1 fused-kernel launch knobs (SmolLM2 shapes)
     run timeout 420 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 410 \
-      --impls xla,pallas,pallas/MATMUL_WARPS=4,pallas/MAX_PROGRAMS=132,pallas/CHUNK_S=32 \
+      --impls xla,pallas,pallas/matmul_warps=4,pallas/max_programs=132,pallas/chunk_s=32 \
       --out "$OUT/decode_knobs_smollm2.json"
     ;;
   k)  # issue 5: 8B-shaped parent vs the MIP's child from H100 torch costs (random weights); SmolLM2 1.5x child
@@ -124,7 +124,7 @@ case "${1:-}" in
     run timeout 150 python3 benchmarks/grid_sync.py --n 120 --d 1024 --modes counter,flags --profile \
       --out "$OUT/h200_grid_sync_counter.json"
     run timeout 300 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 290 \
-      --impls persistent,persistent/BARRIER=flags,persistent/PERSISTENT_WARPS=8,pallas,xla \
+      --impls persistent,persistent/barrier=flags,persistent/persistent_warps=8,pallas,xla \
       --out "$OUT/h200_decode_persistent3.json"
     run timeout 200 python3 benchmarks/segment_profile.py --out "$OUT/h200_segment_profile3.json"
     ;;
@@ -135,7 +135,7 @@ case "${1:-}" in
     run timeout 120 python3 benchmarks/segment_profile.py --out "$OUT/h200_segment_programs.json" \
       --variants "full,full 264 programs,full 264 programs 8 warps,full 396 programs,ffn only,ffn only 264 programs,attention+o_proj only,attention+o_proj only 264 programs,barriers only"
     run timeout 280 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 270 \
-      --impls persistent,persistent/PERSISTENT_PROGRAMS=264,persistent/PERSISTENT_PROGRAMS=396,pallas,xla \
+      --impls persistent,persistent/programs=264,persistent/programs=396,pallas,xla \
       --out "$OUT/h200_decode_persistent_final.json"
     ;;
   r)  # session 5: every data load of a phase before its first CTA barrier; what HBM weight streaming costs
@@ -152,14 +152,14 @@ case "${1:-}" in
     run timeout 200 python3 benchmarks/segment_profile.py --timeline --out "$OUT/h200_timeline_s5${TAG:-}.json" \
       --variants "${VARIANTS:-full,full 8 warps,full 8 warps attn 256}"  # run when "full" was 4 warps, 128 slots
     run timeout 250 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 240 \
-      --impls "${IMPLS:-persistent,persistent/PERSISTENT_WARPS=8/PERSISTENT_ATTN_BLOCK=256,pallas}" \
+      --impls "${IMPLS:-persistent,persistent/persistent_warps=8/attn_block=256,pallas}" \
       --out "$OUT/h200_decode_s5${TAG:-}.json"
     ;;
   v)  # session 5: the attention's cache block loaded during the q/k/v phase vs at the barrier
     run timeout 200 python3 benchmarks/segment_profile.py --timeline --out "$OUT/h200_timeline_s5_early.json" \
       --variants "full,full kv at barrier,full 4 warps attn 128"
     run timeout 250 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 240 \
-      --impls "persistent,persistent/PERSISTENT_EARLY_KV=0,pallas" --out "$OUT/h200_decode_s5_early.json"
+      --impls "persistent,persistent/early_kv=0,pallas" --out "$OUT/h200_decode_s5_early.json"
     ;;
   u)  # session 5: end to end with the new defaults (auto = persistent at batch 1) and vs transformers
     run timeout 200 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 190 \
@@ -174,7 +174,7 @@ case "${1:-}" in
     run timeout 200 python3 benchmarks/segment_profile.py --timeline --out "$OUT/h200_timeline_s6${TAG:-}.json" \
       --variants "${VARIANTS:-full,full s5 defaults,full qkv barrier,full ffn 16 rows,full kv whole cache}"
     run timeout 200 python3 benchmarks/decode_profile.py --model smollm2 --flags default --profile --timeout 190 \
-      --impls "${IMPLS:-persistent,persistent/PERSISTENT_QKV_TAGS=0/PERSISTENT_FFN_ROWS=16/KV_UPTO_INDEX=0,pallas,pallas/KV_UPTO_INDEX=0,xla}" \
+      --impls "${IMPLS:-persistent,persistent/qkv_tags=0/ffn_rows=16/kv_upto_index=0,pallas,pallas/kv_upto_index=0,xla}" \
       --out "$OUT/h200_decode_s6${TAG:-}.json"
     [ -n "${INFER:-}" ] && run timeout 190 python3 benchmarks/inference.py --device-size h100 --model smollm2-random \
       --variants scan --out "$OUT/h200_infer_smollm2_s6.json"
@@ -185,7 +185,7 @@ case "${1:-}" in
     run timeout 230 python3 benchmarks/segment_profile.py --timeline --out "$OUT/h200_timeline_s7${TAG:-}.json" \
       --variants "${VARIANTS:-full,full no idle prefetch,full idle prefetch ffn,full 16 warps,full layer-0 weights}"
     run timeout 330 python3 benchmarks/decode_profile.py --model smollm2 --flags "${FLAGS:-default}" --profile \
-      --timeout 320 --impls "${IMPLS:-persistent,persistent/PERSISTENT_IDLE_PREFETCH=,persistent/PERSISTENT_IDLE_PREFETCH=ffn,xla}" \
+      --timeout 320 --impls "${IMPLS:-persistent,persistent/idle_prefetch=,persistent/idle_prefetch=ffn,xla}" \
       --out "$OUT/h200_decode_s7${TAG:-}.json"
     [ -n "${INFER:-}" ] && run timeout 190 python3 benchmarks/inference.py --device-size h100 --model smollm2-random \
       --variants scan --out "$OUT/h200_infer_smollm2_s7.json"
@@ -193,7 +193,7 @@ case "${1:-}" in
   y)  # session 7: where "auto" should start running persistent kernels (infer.PERSISTENT_MIN_RUN), on the
       # heterogeneous child (runs of 1-5 identical blocks): 12 (none of its runs), 4, 2, 1
     run timeout 280 python3 benchmarks/decode_profile.py --model child --flags default --timeout 270 \
-      --impls "${IMPLS:-auto,auto/PERSISTENT_MIN_RUN=4,auto/PERSISTENT_MIN_RUN=2,auto/PERSISTENT_MIN_RUN=1}" \
+      --impls "${IMPLS:-auto,auto/min_run=4,auto/min_run=2,auto/min_run=1}" \
       --out "$OUT/h200_decode_s7_minrun.json"
     ;;
   z)  # session 8: one decode step's kernels in order (the glue around the persistent kernel), per
