@@ -113,22 +113,23 @@ class InferParams:
     return self.embed_VxD.dtype
 
 
-def _fast_decode(arch: Arch, dtype, batch: int, cfg: kernels.KernelConfig) -> bool:
+def _fast_decode(arch: Arch, dtype, batch: int, cfg: kernels.KernelConfig, backend: str | None = None) -> bool:
   """Whether decode_impl="auto" takes the kernels: where they were measured faster than XLA (one
   row on the GPU, hidden sizes up to `cfg.fused_max_hidden`, half-precision activations)."""
-  return (jax.default_backend() in cfg.fused_backends and batch <= cfg.fused_max_batch
+  return ((backend or jax.default_backend()) in cfg.fused_backends and batch <= cfg.fused_max_batch
           and arch.hidden_size <= cfg.fused_max_hidden and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
 
 
 def default_scan(arch: Arch, dtype, batch: int | None = None, decode_impl: str = "auto",
-                 cfg: kernels.KernelConfig = kernels.DEFAULT) -> bool:
+                 cfg: kernels.KernelConfig = kernels.DEFAULT, backend: str | None = None) -> bool:
   """The faster layout for decoding `batch` rows (None: 1): stacked runs (scan) where the persistent
   kernel will decode them, unrolled per-layer buffers on the GPU otherwise (H200: unrolled decodes
   Llama-3.1-8B shapes 2.6x faster at batch 1 and SmolLM2 1.6x at batch 64); off the GPU, scan
-  (there compile time, not decode speed, dominates)."""
-  if jax.default_backend() != "gpu" or decode_impl == "persistent":
+  (there compile time, not decode speed, dominates). `backend`: default, JAX's default backend."""
+  backend = backend or jax.default_backend()
+  if backend != "gpu" or decode_impl == "persistent":
     return True
-  return decode_impl == "auto" and _fast_decode(arch, dtype, batch or 1, cfg)
+  return decode_impl == "auto" and _fast_decode(arch, dtype, batch or 1, cfg, backend)
 
 
 def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool | None = None, batch: int | None = None,

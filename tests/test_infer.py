@@ -265,10 +265,12 @@ def test_smollm2_real_weights_match_transformers(smollm2_gguf):
 def test_benchmark_cpu_mode_runs_and_agrees(tmp_path):
   from benchmarks import inference
   res = inference.main(["--device-size", "cpu", "--model", "smollm2-random", "--runs", "2",
-                        "--variants", "scan", "--out", str(tmp_path / "bench.json")])
+                        "--variants", "scan,default", "--serving", "--out", str(tmp_path / "bench.json")])
   assert res["agreement"]["ok"], res["agreement"]
-  assert {"ours (scan)", "transformers eager"} <= set(res["rows"])
+  assert {"ours (scan)", "ours (default)", "transformers eager", "serving runner (eager)"} <= set(res["rows"])
   assert res["rows"]["ours (scan)"]["decode_b1"]["tok_s"] > 0
+  assert res["rows"]["serving runner (eager)"]["decode_b4"]["tok_s"] > 0
+  assert res["rows"]["ours (default)"]["decode_b1"]["layout"] == "scan"  # off the GPU prepare scans
   assert (tmp_path / "bench.json").exists()
 
 
@@ -311,3 +313,40 @@ def test_persistent_tagged_qkv_matches_barrier():
   segment = infer.prepare(arch, params, jnp.bfloat16, decode_impl="persistent")
   np.testing.assert_array_equal(np.asarray(infer.generate(segment, tokens, None, max_new_tokens=6)),
                                 np.asarray(infer.generate(five, tokens, None, max_new_tokens=6)))
+
+
+def test_core_imports_without_torch():
+  """The JAX core (package, infer, stages) imports neither torch nor transformers: they belong to
+  the `serving` extra. A subprocess with both hidden imports it."""
+  import subprocess
+  import sys
+  code = ("import importlib.abc, sys\n"
+          "class Hide(importlib.abc.MetaPathFinder):\n"
+          "  def find_spec(self, name, path=None, target=None):\n"
+          "    if name.split('.')[0] in ('torch', 'transformers'):\n"
+          "      raise ModuleNotFoundError(name + ' hidden')\n"
+          "sys.meta_path.insert(0, Hide())\n"
+          "import puzzle_jax, puzzle_jax.infer, puzzle_jax.stages, puzzle_jax.kernels, puzzle_jax.cost_table\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_default_layout_is_the_fastest_measured():
+  """On the GPU prepare stacks runs only where the persistent kernel decodes them (SmolLM2 at
+  batch 1, bf16); Llama-3.1-8B shapes at any batch and SmolLM2 at batch 64 get per-layer buffers,
+  unrolled (the scan copies each layer's weights every step). Off the GPU it always scans."""
+  small = uniform_arch(vocab_size=64, hidden_size=576, num_layers=2, num_heads=9, num_kv_heads=3,
+                       intermediate_size=1536, head_dim=64)
+  big = uniform_arch(vocab_size=64, hidden_size=4096, num_layers=2, num_heads=32, num_kv_heads=8,
+                     intermediate_size=14336, head_dim=128)
+  bf = jnp.bfloat16
+  assert infer.default_scan(small, bf, 1, backend="gpu") and infer.default_scan(small, bf, None, backend="gpu")
+  assert not infer.default_scan(small, bf, 64, backend="gpu")
+  assert not infer.default_scan(big, bf, 1, backend="gpu") and not infer.default_scan(big, bf, 64, backend="gpu")
+  assert not infer.default_scan(small, jnp.float32, 1, backend="gpu")  # float32: XLA decodes
+  assert not infer.default_scan(small, bf, 1, "xla", backend="gpu") and infer.default_scan(small, bf, 64, "persistent",
+                                                                                             backend="gpu")
+  assert all(infer.default_scan(a, bf, b, backend="cpu") for a in (small, big) for b in (1, 64))
+  params = model.init_params(jax.random.PRNGKey(0), small)
+  assert len(infer.prepare(small, params, bf).plan) == 1  # this backend (CPU in tests): stacked
+  assert len(infer.prepare(small, params, bf, scan=False).plan) == 2

@@ -185,7 +185,7 @@ def export_config(arch: Arch, out_dir: str | pathlib.Path, *, dtype: str = "bflo
   no safetensors.
 
   Enough for speed runs, which build random weights from the config
-  (`puzzle_jax.harness.load_model(..., random_weights=True)`, with this package's copy of the
+  (`puzzle_jax.serving.load.load_model(..., random_weights=True)`, with this package's copy of the
   modeling code, so committed descriptions need no `code`)."""
   return _write_export(arch, _target(arch, out_dir, dtype), dtype, lambda tmp: None, code)
 
