@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from puzzle_jax import infer, io, kernels
+from puzzle_jax import infer, kernels
 from puzzle_jax.kernels import persistent
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import Arch, AttnSpec, BlockSpec, FFNSpec, uniform_arch
@@ -247,16 +247,16 @@ def test_prepare_rejects_unknown_decode_impl(hetero):
     infer.prepare(arch, params, decode_impl="triton")
 
 
-def test_smollm2_real_weights_match_transformers(smollm2_gguf):
-  """The real parent (30 layers in one scanned run): float32 prefill logits vs transformers."""
+def test_smollm2_real_weights_match_transformers(smollm2_parent, smollm2_hf, one_torch_thread):
+  """The real parent (30 layers in one scanned run): float32 prefill logits vs transformers' own
+  load of the same GGUF."""
   import torch
-  from benchmarks.inference import hf_llama, hf_logits
-  torch.set_num_threads(1)
-  arch, params = io.load_pretrained(smollm2_gguf)
+  arch, params = smollm2_parent
   ip = infer.prepare(arch, params, jnp.float32)
   assert ip.plan == (infer.Segment(tuple(range(30))),)
   tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, arch.vocab_size), np.int32)
-  want = hf_logits(hf_llama(arch, params, "cpu"), tokens)
+  with torch.no_grad():
+    want = smollm2_hf(input_ids=torch.from_numpy(tokens)).logits.float().numpy()
   got = np.asarray(infer.prefill_logits(ip, tokens))
   assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))

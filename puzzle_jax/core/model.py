@@ -206,6 +206,14 @@ def init_params(key: jax.Array, arch: Arch, dtype=jnp.float32) -> Params:
   return params
 
 
+def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+  """{HF tensor name: shape} for every tensor `arch` owns (what `init_params` makes), without
+  allocating any: what checkpoints are checked against on import and on export."""
+  from puzzle_jax.core import names
+  abstract = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), arch))
+  return names.shapes(abstract)
+
+
 def count_params(params: Params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 
