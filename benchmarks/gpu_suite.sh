@@ -45,7 +45,7 @@ case "${1:-}" in
       --config.workdir=$ROOT/wd --config.export.checkpoint=parent
     run timeout 60 python3 -m puzzle_jax export --config configs/smollm2_135m.py:gpu --config.parent.path="$GGUF" \
       --config.workdir=$ROOT/wd --config.export.checkpoint=child
-    run timeout 300 python3 -m puzzle_jax.harness measure --parent $ROOT/wd/export/parent --child $ROOT/wd/export/child \
+    run timeout 300 python3 -m puzzle_jax.serving measure --parent $ROOT/wd/export/parent --child $ROOT/wd/export/child \
       --out "$OUT/h100_measure.json"
     run timeout 230 python3 benchmarks/inference.py --device-size h100 --model smollm2 --gguf "$GGUF" --out "$OUT/infer_smollm2.json"
     ;;
@@ -62,7 +62,7 @@ case "${1:-}" in
       --compile-80 --out "$OUT/infer_child.json"
     ;;
   g)  # PyTorch per-variant cost table on the H100 (the MIP's serving-stack costs); 80-layer compile time
-    run timeout 240 python3 -m puzzle_jax.harness costs --arch-from benchmarks/data/smollm2_parent \
+    run timeout 240 python3 -m puzzle_jax.serving costs --arch-from benchmarks/data/smollm2_parent \
       --keys attn/gqa_kv3,attn/gqa_kv1,attn/linear,attn/noop,ffn/swiglu_1536,ffn/swiglu_768,ffn/swiglu_384,ffn/linear,ffn/noop \
       --batch 4 --prompt-len 128 --gen-len 64 --out "$OUT/h100_costs_torch.json"
     run timeout 200 python3 -c "import json; from benchmarks import inference as I; r = I.compile_80(False); print(json.dumps(r)); open('$OUT/compile80.json', 'w').write(json.dumps(r))"
@@ -70,7 +70,7 @@ case "${1:-}" in
   h)  # the MIP child chosen from the torch cost table (step g) vs its parent, serving harness
     run python3 benchmarks/export_random.py benchmarks/data/smollm2_parent $ROOT/rp
     run python3 benchmarks/export_random.py benchmarks/data/torchcost_child $ROOT/rc
-    run timeout 300 python3 -m puzzle_jax.harness measure --parent $ROOT/rp --child $ROOT/rc --requests 16 \
+    run timeout 300 python3 -m puzzle_jax.serving measure --parent $ROOT/rp --child $ROOT/rc --requests 16 \
       --out "$OUT/h100_measure_torchcost.json"
     ;;
   i)  # batch-1 decode: fused Pallas kernels vs XLA, XLA flag sets (CUDA-graph while loops), kernels per token
@@ -88,15 +88,15 @@ case "${1:-}" in
     ;;
   k)  # issue 5: 8B-shaped parent vs the MIP's child from H100 torch costs (random weights); SmolLM2 1.5x child
     KEYS=$(python3 benchmarks/puzzle8b.py keys --parent benchmarks/data/llama8b_parent)
-    run timeout 200 python3 -m puzzle_jax.harness costs --arch-from benchmarks/data/llama8b_parent --keys "$KEYS" \
+    run timeout 200 python3 -m puzzle_jax.serving costs --arch-from benchmarks/data/llama8b_parent --keys "$KEYS" \
       --batch 64 --prompt-len 512 --gen-len 128 --out "$OUT/h100_costs_torch_8b.json"
     run python3 benchmarks/puzzle8b.py select --parent benchmarks/data/llama8b_parent \
       --scores benchmarks/data/llama8b_proxy_scores.json --costs "$OUT/h100_costs_torch_8b.json" --target 1.5 \
       --out "$OUT/puzzle8b"
-    run timeout 200 python3 -m puzzle_jax.harness measure --parent benchmarks/data/llama8b_parent \
+    run timeout 200 python3 -m puzzle_jax.serving measure --parent benchmarks/data/llama8b_parent \
       --child "$OUT/puzzle8b/child" --random-weights --decode-batches 1,64 --prefill-grid 4x1024 \
       --out "$OUT/h100_measure_8b.json"
-    run timeout 150 python3 -m puzzle_jax.harness measure --parent benchmarks/data/smollm2_parent \
+    run timeout 150 python3 -m puzzle_jax.serving measure --parent benchmarks/data/smollm2_parent \
       --child benchmarks/data/torchcost_child15 --random-weights --out "$OUT/h100_measure_child15.json"
     ;;
   l)  # fast path with the fused batch-1 kernels: profile, transformers comparison (SmolLM2 shapes), child

@@ -17,6 +17,7 @@ import os
 import pathlib
 from typing import Any, Iterable
 
+from puzzle_jax.artifacts import ArtifactError
 from puzzle_jax.core.arch import (DTYPE_BYTES, Arch, ArchError, AttnSpec, FFNSpec, kv_bytes_per_token, spec_from_key,
                                   variant_key)
 
@@ -27,8 +28,12 @@ VARIANT_FIELDS = ("prefill_s", "decode_s", "weight_bytes", "kv_bytes", "params")
 WORKLOAD_FIELDS = ("batch", "prompt_len", "gen_len", "dtype", "kv_dtype")  # what, not how, is timed.
 
 
-class CostTableError(ValueError):
+class CostTableError(ArtifactError):
   """A cost table unusable for this model or these candidates; the message says how to fix it."""
+
+  def __init__(self, message: str, path: str | os.PathLike | None = None):
+    super().__init__(None, message)
+    self.path = pathlib.Path(path) if path is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +149,12 @@ def load_cost_table(path: str | os.PathLike, arch: Arch | None = None, keys: Ite
   """Read a cost table and check it fits: format, model dims (if arch), keys, workload (if scenario)."""
   try:
     table = json.loads(pathlib.Path(path).read_text())
-  except json.JSONDecodeError as e:
-    raise CostTableError(f"{path}: not valid JSON ({e}); re-run the costs stage") from e
-  validate_cost_table(table, arch, keys, scenario=scenario, source=str(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CostTableError(f"{path}: not valid JSON ({e}); re-run the costs stage", path) from e
+  try:
+    validate_cost_table(table, arch, keys, scenario=scenario, source=str(path))
+  except CostTableError as e:
+    raise CostTableError(str(e), path) from None
   return table
 
 

@@ -11,6 +11,7 @@ G = N/K query heads per kv head, H head dim, F FFN width, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -212,6 +213,14 @@ def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
   from puzzle_jax.core import names
   abstract = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), arch))
   return names.shapes(abstract)
+
+
+def truncate(arch: Arch, params: Params, max_layers: int) -> tuple[Arch, Params]:
+  """Keep the first `max_layers` blocks (0 = all): fast experiments on a real parent."""
+  if not max_layers or max_layers >= arch.num_layers:
+    return arch, params
+  arch = dataclasses.replace(arch, blocks=arch.blocks[:max_layers])
+  return arch, {**params, "model": {**params["model"], "layers": params["model"]["layers"][:max_layers]}}
 
 
 def count_params(params: Params) -> int:

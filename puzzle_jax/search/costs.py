@@ -374,31 +374,3 @@ def analytic_table(arch: Arch, keys: Iterable[str], scenario: Scenario, *, peak_
   for k in dict.fromkeys(keys):
     table["variants"][k] = _analytic_variant(arch, as_spec(k), scenario, peak_flops, bandwidth)
   return table
-
-
-def run(config) -> pathlib.Path:
-  """`python -m puzzle_jax costs`: measure every library variant, or a roofline estimate of each
-  (`costs.backend="analytic"`), or validate a given table (`costs.table`)."""
-  from puzzle_jax import workdir as W
-  from puzzle_jax.search import bld
-  paths = W.Paths.from_config(config)
-  if W.finished("costs", paths.costs):
-    return paths.costs
-  c = config.costs
-  if c.backend not in ("measure", "analytic"):
-    raise ValueError(f"costs.backend must be 'measure' or 'analytic', got {c.backend!r}")
-  library = bld.load_library(paths.library)
-  keys = sorted(library.keys)
-  scenario = Scenario(batch=c.batch, prompt_len=c.prompt_len, gen_len=c.gen_len, dtype=c.dtype,
-                      kv_dtype=c.kv_dtype, repeats=c.repeats)
-  if c.table:
-    table = load_cost_table(c.table, library.arch, keys)  # from another harness (e.g. PyTorch/H100)
-  elif c.backend == "analytic":
-    table = analytic_table(library.arch, keys, scenario, peak_flops=c.peak_tflops * 1e12,
-                           bandwidth=c.bandwidth_gbps * 1e9)
-  else:
-    table = cost_table(library.arch, keys, scenario, seed=config.seed)
-  save_cost_table(table, paths.costs)
-  print(f"costs ({table['backend']}, {table['device']}): " + ", ".join(
-      f"{k} {v['decode_s'] * 1e6:.0f}us" for k, v in table["variants"].items()))
-  return paths.costs
