@@ -123,13 +123,16 @@ def _fast_decode(arch: Arch, dtype, batch: int, cfg: kernels.KernelConfig, backe
 def default_scan(arch: Arch, dtype, batch: int | None = None, decode_impl: str = "auto",
                  cfg: kernels.KernelConfig = kernels.DEFAULT, backend: str | None = None) -> bool:
   """The faster layout for decoding `batch` rows (None: 1): stacked runs (scan) where the persistent
-  kernel will decode them, unrolled per-layer buffers on the GPU otherwise (H200: unrolled decodes
-  Llama-3.1-8B shapes 2.6x faster at batch 1 and SmolLM2 1.6x at batch 64); off the GPU, scan
-  (there compile time, not decode speed, dominates). `backend`: default, JAX's default backend."""
+  kernel will decode them and they are long (`cfg.scan_min_mean_run` blocks on average), unrolled
+  per-layer buffers on the GPU otherwise (H200: unrolled decodes Llama-3.1-8B shapes 2.6x faster at
+  batch 1 and SmolLM2 1.6x at batch 64; BENCHMARKS.md); off the GPU, scan (there compile time, not
+  decode speed, dominates). `backend`: default, JAX's default backend."""
   backend = backend or jax.default_backend()
   if backend != "gpu" or decode_impl == "persistent":
     return True
-  return decode_impl == "auto" and _fast_decode(arch, dtype, batch or 1, cfg, backend)
+  mean_run = arch.num_layers / max(len(plan_segments(arch, scan=True)), 1)
+  return (decode_impl == "auto" and _fast_decode(arch, dtype, batch or 1, cfg, backend)
+          and mean_run >= cfg.scan_min_mean_run)
 
 
 def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool | None = None, batch: int | None = None,

@@ -333,9 +333,9 @@ def test_core_imports_without_torch():
 
 def test_default_layout_is_the_fastest_measured():
   """On the GPU prepare stacks runs only where the persistent kernel decodes them (SmolLM2 at
-  batch 1, bf16); Llama-3.1-8B shapes at any batch and SmolLM2 at batch 64 get per-layer buffers,
+  batch 1, bf16, long runs); Llama-3.1-8B shapes at any batch and SmolLM2 at batch 64 get per-layer buffers,
   unrolled (the scan copies each layer's weights every step). Off the GPU it always scans."""
-  small = uniform_arch(vocab_size=64, hidden_size=576, num_layers=2, num_heads=9, num_kv_heads=3,
+  small = uniform_arch(vocab_size=64, hidden_size=576, num_layers=8, num_heads=9, num_kv_heads=3,
                        intermediate_size=1536, head_dim=64)
   big = uniform_arch(vocab_size=64, hidden_size=4096, num_layers=2, num_heads=32, num_kv_heads=8,
                      intermediate_size=14336, head_dim=128)
@@ -347,6 +347,11 @@ def test_default_layout_is_the_fastest_measured():
   assert not infer.default_scan(small, bf, 1, "xla", backend="gpu") and infer.default_scan(small, bf, 64, "persistent",
                                                                                              backend="gpu")
   assert all(infer.default_scan(a, bf, b, backend="cpu") for a in (small, big) for b in (1, 64))
-  params = model.init_params(jax.random.PRNGKey(0), small)
-  assert len(infer.prepare(small, params, bf).plan) == 1  # this backend (CPU in tests): stacked
-  assert len(infer.prepare(small, params, bf, scan=False).plan) == 2
+  # short runs (a heterogeneous child: runs of 1-2 blocks) decode faster unrolled, five kernels per block
+  mixed = dataclasses.replace(small, blocks=tuple(small.blocks[0] if i % 3 else dataclasses.replace(
+      small.blocks[0], ffn=FFNSpec("swiglu", 768)) for i in range(6)))
+  assert not infer.default_scan(mixed, bf, 1, backend="gpu")
+  two = dataclasses.replace(small, blocks=small.blocks[:2])
+  params = model.init_params(jax.random.PRNGKey(0), two)
+  assert len(infer.prepare(two, params, bf).plan) == 1  # this backend (CPU in tests): stacked
+  assert len(infer.prepare(two, params, bf, scan=False).plan) == 2
