@@ -124,9 +124,9 @@ def default_scan(arch: Arch, dtype, batch: int | None = None, decode_impl: str =
                  cfg: kernels.KernelConfig = kernels.DEFAULT, backend: str | None = None) -> bool:
   """The faster layout for decoding `batch` rows (None: 1): stacked runs (scan) where the persistent
   kernel will decode them and they are long (`cfg.scan_min_mean_run` blocks on average), unrolled
-  per-layer buffers on the GPU otherwise (H200: unrolled decodes Llama-3.1-8B shapes 2.6x faster at
-  batch 1 and SmolLM2 1.6x at batch 64; BENCHMARKS.md); off the GPU, scan (there compile time, not
-  decode speed, dominates). `backend`: default, JAX's default backend."""
+  per-layer buffers on the GPU otherwise (XLA's scan copies each layer's weights out of the stack
+  every step: BENCHMARKS.md, "Inference"); off the GPU, scan (there compile time, not decode speed,
+  dominates). `backend`: default, JAX's default backend."""
   backend = backend or jax.default_backend()
   if backend != "gpu" or decode_impl == "persistent":
     return True

@@ -54,12 +54,12 @@ class KernelConfig:
 
   # `infer`'s decode_impl="auto": where it takes the kernels instead of XLA.
   fused_backends: tuple = ("gpu",)  # backends where "auto" runs the kernels (tests add "cpu": interpreted)
-  fused_max_batch: int = 1  # rows: each row's programs re-read the weights (larger batches: XLA measured faster)
+  fused_max_batch: int = 1  # rows: each row's programs re-read the weights (larger batches untimed: XLA)
   fused_max_hidden: int = 2048  # at 8B shapes XLA's own matrix-vector products stream weights as fast
   min_run: int = 2  # "auto" runs a persistent kernel only for runs of at least this many identical blocks
-  # `infer.default_scan` stacks runs for the persistent kernel only when they are this long on average
-  # (H200, batch 1: SmolLM2's one run of 30 decodes faster stacked, 2,624 vs 2,237 tok/s unrolled; the
-  # 30-layer child's 16 runs of 1-5 decode faster unrolled, 4,190 vs 3,404; untested in between).
+  # `infer.default_scan` stacks runs for the persistent kernel only when they are this long on average:
+  # one long run decodes faster stacked, runs of 1-5 blocks faster unrolled with five kernels per block
+  # (BENCHMARKS.md, "Decode kernels"; lengths between 2 and 30 are untested).
   scan_min_mean_run: float = 4.0
 
   def __post_init__(self):
