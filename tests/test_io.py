@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 import torch
 from safetensors.numpy import save_file
 
@@ -19,7 +20,6 @@ from puzzle_jax.core import names
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
 from puzzle_jax.io.tokenizer import load_tokenizer
 
-transformers = pytest.importorskip("transformers")
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -50,12 +50,6 @@ def smollm2(smollm2_parent):
 @pytest.fixture(scope="session")
 def smollm2_tok(smollm2_gguf):
   return load_tokenizer(smollm2_gguf)
-
-
-@pytest.fixture(scope="session")
-def smollm2_hf(smollm2_gguf):
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
 
 
 def test_smollm2_path_is_the_fixture(smollm2_gguf):

@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from puzzle_jax.export import hf_export
-from puzzle_jax.core import model
+from puzzle_jax.core.model import expected_shapes  # (re-exported)
 from puzzle_jax.core import names
 from puzzle_jax.core.arch import Arch, ArchError
 from puzzle_jax.core.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
@@ -64,12 +64,6 @@ def check_exportable(arch: Arch) -> None:
                       "exported: the shipped DeciLM modeling code does not implement them.")
     if b.attn.bias:
       raise ArchError(f"layer {i}: q/k/v/o biases cannot be exported: nemotron-nas attention has none.")
-
-
-def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
-  """{HF tensor name: shape} for every tensor `arch` owns (no allocation)."""
-  abstract = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch))
-  return names.shapes(abstract)
 
 
 def check_params(arch: Arch, params: Params) -> dict[str, Any]:
@@ -185,7 +179,7 @@ def export_config(arch: Arch, out_dir: str | pathlib.Path, *, dtype: str = "bflo
   no safetensors.
 
   Enough for speed runs, which build random weights from the config
-  (`puzzle_jax.harness.load_model(..., random_weights=True)`, with this package's copy of the
+  (`puzzle_jax.serving.load.load_model(..., random_weights=True)`, with this package's copy of the
   modeling code, so committed descriptions need no `code`)."""
   return _write_export(arch, _target(arch, out_dir, dtype), dtype, lambda tmp: None, code)
 
