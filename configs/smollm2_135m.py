@@ -102,6 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export.checkpoint = "child"  # what to export: "parent", "child" or a checkpoint path.
   c.export.out_dir = ""  # "" = <workdir>/export/<checkpoint>.
   c.export.dtype = "bfloat16"  # safetensors dtype.
+  c.export.engine = "transformers"  # serving target: "transformers" (shipped code), "vllm" or "trtllm";
+  #   the MIP forbids variants the engine cannot load and export refuses them (puzzle_jax.export.engines).
 
   if args.gpu:
     _grow(c)

@@ -31,7 +31,8 @@ import numpy as np
 from puzzle_jax.export import hf_export
 from puzzle_jax.core import model
 from puzzle_jax.core import names
-from puzzle_jax.core.arch import Arch, ArchError
+from puzzle_jax.core.arch import Arch, ArchError, fusable_groups, fuse_ffn_run
+from puzzle_jax.export import engines
 from puzzle_jax.core.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
 
 Params = dict[str, Any]
@@ -163,10 +164,26 @@ def generation_config(arch: Arch) -> dict[str, Any]:
   return {k: v for k, v in cfg.items() if v is not None}
 
 
+def for_engine(arch: Arch, params: Params | None, engine: str) -> tuple[Arch, Params | None]:
+  """The arch (and params) `engine` loads: for engines without parallel blocks, parallel groups of
+  FFN-only blocks become one wide FFN + no-op placeholders (the 253B layout, exactly equal); then
+  every layer is checked against the engine's rules (EngineError naming the layers)."""
+  if not engines.rules(engine).parallel_blocks:
+    if params is not None:
+      arch, params = model.fuse_parallel_ffns(arch, params)
+    for run in fusable_groups(arch):
+      arch = fuse_ffn_run(arch, run)
+  engines.check_arch(arch, engine)
+  return arch, params
+
+
 def export(arch: Arch, params: Params, out_dir: str | pathlib.Path, *, tokenizer=None,
-           dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+           dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30,
+           engine: str = "transformers") -> pathlib.Path:
   """Write an HF directory loadable with `AutoModelForCausalLM.from_pretrained(out_dir,
-  trust_remote_code=True)`. Replaces an earlier export at `out_dir`; returns its path."""
+  trust_remote_code=True)` and by `engine` (see `puzzle_jax.export.engines`). Replaces an earlier
+  export at `out_dir`; returns its path."""
+  arch, params = for_engine(arch, params, engine)
   out = _target(arch, out_dir, dtype)
   if sys.byteorder != "little":
     raise RuntimeError("safetensors export assumes a little-endian host")
@@ -180,13 +197,14 @@ def export(arch: Arch, params: Params, out_dir: str | pathlib.Path, *, tokenizer
 
 
 def export_config(arch: Arch, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
-                  code: bool = True) -> pathlib.Path:
+                  code: bool = True, engine: str = "transformers") -> pathlib.Path:
   """A weightless export: config.json, generation_config.json and (with `code`) the remote code,
   no safetensors.
 
   Enough for speed runs, which build random weights from the config
   (`puzzle_jax.harness.load_model(..., random_weights=True)`, with this package's copy of the
   modeling code, so committed descriptions need no `code`)."""
+  arch, _ = for_engine(arch, None, engine)
   return _write_export(arch, _target(arch, out_dir, dtype), dtype, lambda tmp: None, code)
 
 
@@ -274,6 +292,24 @@ def check_nemotron_nas_config(cfg: dict[str, Any]) -> list[str]:
   return problems
 
 
+def check_engine_config(cfg: dict[str, Any], engine: str) -> list[str]:
+  """`check_nemotron_nas_config` plus what `engine` does not read (see `engines`): for vLLM no
+  `replace_with_linear` sub-block; for vLLM and TensorRT-LLM no `window_length`. [] if it loads."""
+  r = engines.rules(engine)
+  if not r.width_from_ffn_mult:
+    return []  # the shipped modeling code reads every field we write
+  problems = check_nemotron_nas_config(cfg)
+  for i, b in enumerate(cfg.get("block_configs") or []):
+    a, f = b.get("attention", {}), b.get("ffn", {})
+    if a.get("replace_with_linear") and not r.linear_attn:
+      problems.append(f"block_configs[{i}]: attention.replace_with_linear is not read by {engine}")
+    if f.get("replace_with_linear") and not r.linear_ffn:
+      problems.append(f"block_configs[{i}]: ffn.replace_with_linear is not read by {engine}")
+    if a.get("window_length") and not a.get("no_op") and not r.window:
+      problems.append(f"block_configs[{i}]: attention.window_length={a['window_length']} is not read by {engine}")
+  return problems
+
+
 def _check_rope_scaling(scaling: Any) -> list[str]:
   if scaling is None:
     return []
@@ -332,8 +368,13 @@ def run(config) -> pathlib.Path:
   which = config.export.checkpoint
   arch, params = generate.resolve_checkpoint(config, which)
   out = pathlib.Path(config.export.out_dir or W.Paths.from_config(config).root / "export" / pathlib.Path(which).name)
-  for problem in check_nemotron_nas_config(arch.to_hf_config()):
-    warnings.warn(f"vLLM/TensorRT-LLM compatibility: {problem}")
-  path = export(arch, params, out, tokenizer=W.load_tok(config), dtype=config.export.dtype)
+  engine = config.export.engine
+  if engine == "transformers":
+    for problem in check_nemotron_nas_config(arch.to_hf_config()):
+      warnings.warn(f"vLLM/TensorRT-LLM compatibility (set export.engine to check strictly): {problem}")
+  path = export(arch, params, out, tokenizer=W.load_tok(config), dtype=config.export.dtype, engine=engine)
+  problems = check_engine_config(json.loads((path / CONFIG_FILE).read_text()), engine)
+  if problems:  # for_engine checked the arch; this checks the written file against the loader rules
+    raise engines.EngineError(f"{path / CONFIG_FILE} fails {engine}'s loader rules: {problems}")
   print(f"export: {which} -> {path}")
   return path

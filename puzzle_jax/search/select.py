@@ -27,11 +27,12 @@ class Targets:
   max_memory_gb: float = 0.0
   max_params: int = 0
   keep_first_attn: bool = True
+  engine: str = "transformers"  # serving target: variants it cannot load are forbidden (export.engines)
 
   @classmethod
-  def from_config(cls, c) -> Targets:
+  def from_config(cls, c, engine: str = "transformers") -> Targets:
     return cls(c.target_decode_speedup, c.target_prefill_speedup, c.max_memory_gb, c.max_params,
-               c.keep_first_attn)
+               c.keep_first_attn, engine)
 
 
 def _costs(entry: Mapping[str, float]) -> dict[str, float]:
@@ -86,10 +87,11 @@ class Problem:
   parent_totals: dict[str, float]
   forced: dict[tuple[int, str], str]
   targets: Targets
+  forbidden: dict[tuple[int, str], list[str]] = dataclasses.field(default_factory=dict)
 
   def solve(self, decode_speedup: float | None = None, **kw) -> mip.Solution:
     return mip.solve(self.layers, budgets(self.parent_totals, self.targets, decode_speedup),
-                     fixed=self.fixed, forced=self.forced, **kw)
+                     fixed=self.fixed, forced=self.forced, forbidden=self.forbidden, **kw)
 
   def totals(self, choices: Sequence[tuple[str, str]]) -> tuple[float, dict[str, float]]:
     return mip.evaluate(self.layers, choices, fixed=self.fixed)
@@ -107,7 +109,23 @@ def build_problem(library: CandidateSet, scores, table, metric: str, targets: Ta
   forced = {}
   if targets.keep_first_attn:
     forced[(0, "attn")] = parent_choices(library.arch)[0][0]
-  return Problem(layers, fixed, parent_totals, forced, targets)
+  return Problem(layers, fixed, parent_totals, forced, targets,
+                 engine_forbidden(layers, targets.engine, library.arch.hidden_size))
+
+
+def engine_forbidden(layers: Sequence[mip.LayerOptions], engine: str,
+                     hidden_size: int) -> dict[tuple[int, str], list[str]]:
+  """{(layer, sub): variant names} the serving engine cannot load (linear sub-blocks on vLLM, windows
+  and widths that do not survive ffn_mult rounding on vLLM / TensorRT-LLM)."""
+  from puzzle_jax.core.arch import spec_from_key
+  from puzzle_jax.export import engines
+  out = {}
+  for l, lo in enumerate(layers):
+    for sub in ("attn", "ffn"):
+      bad = [o.name for o in getattr(lo, sub) if not engines.loadable(spec_from_key(o.name), engine, hidden_size)]
+      if bad:
+        out[(l, sub)] = bad
+  return out
 
 
 def load_problem(config) -> Problem:
@@ -119,7 +137,7 @@ def load_problem(config) -> Problem:
   library = bld.load_library(paths.library)
   table = costs.load_cost_table(paths.costs, library.arch, sorted(library.keys))
   return build_problem(library, scoring.load_scores(paths.scores), table, config.score.metric,
-                       Targets.from_config(config.mip))
+                       Targets.from_config(config.mip, config.export.engine))
 
 
 def solution_doc(sol: mip.Solution, problem: Problem) -> dict[str, Any]:
@@ -139,6 +157,7 @@ def run(config) -> pathlib.Path:
   problem = load_problem(config)
   sols = mip.diverse_solutions(problem.layers, budgets(problem.parent_totals, problem.targets),
                                config.mip.num_solutions, fixed=problem.fixed, forced=problem.forced,
+                               forbidden=problem.forbidden,
                                solver=config.mip.solver)
   best = sols[0]
   front = [(t, _solve_or_none(problem, t)) for t in config.mip.pareto_speedups]
