@@ -15,6 +15,7 @@ STAGES = {
     "evaluate": "puzzle_jax.search.evaluate:run",
     "generate": "puzzle_jax.generate:run",
     "export": "puzzle_jax.export.nemotron_nas:run",
+    "fusion-deps": "puzzle_jax.fusion.stage:run_deps",
     "run": "puzzle_jax.workdir:run_all",
 }
 
