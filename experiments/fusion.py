@@ -107,8 +107,10 @@ def joint_and_child(config, parent_arch, parent_params, kl, e) -> tuple[list[dic
   from puzzle_jax.search import bld, costs, select
   from puzzle_jax.search.realize import realize
   paths = W.Paths.from_config(config)
-  if not paths.solution.exists():
-    W.run_all(config)
+  if not paths.solution.exists():  # the search up to the MIP (this script realizes its own children)
+    from puzzle_jax.stages import stage_fn
+    for stage in W.PIPELINE[:W.PIPELINE.index("mip") + 1]:
+      stage_fn(stage)(config)
   problem = select.load_problem(config)
   library = bld.load_library(paths.library)
   width = parent_arch.blocks[-1].ffn.intermediate_size

@@ -1,8 +1,5 @@
-"""Block dependency analysis: a constructed case with a known answer, and the CLI stage on the real parent."""
-
-import json
-import pathlib
-import sys
+"""Block dependency analysis on a constructed case with a known answer (the CLI stage on the real
+parent is in test_fusion_experiments.py)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +7,6 @@ import numpy as np
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import Arch, AttnSpec, BlockSpec, FFNSpec
 from puzzle_jax.fusion import deps as D
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def subspace_model():
@@ -51,20 +46,3 @@ def test_dependency_matrix_on_disjoint_subspaces():
   assert D.propose_runs(dep, 1e-4, 8) == [[0, 1], [2, 3]]
   assert D.propose_runs(dep, 1e-4, 8, start=10, allowed=[True, True, True, False]) == [[10, 11]]
   assert D.propose_runs(dep, 2.0, 3) == [[0, 1, 2]]  # max_run caps (cosine distance <= 2)
-
-
-def test_fusion_deps_stage_on_real_parent(tmp_path):
-  from puzzle_jax.stages import stage_fn
-  sys.path.insert(0, str(REPO / "configs"))
-  import smollm2_135m
-  c = smollm2_135m.get_config("tiny")
-  c.workdir = str(tmp_path)
-  c.data.local_dir = str(REPO / "data" / "wikitext2")
-  out = stage_fn("fusion-deps")(c)
-  doc = json.loads(out.read_text())
-  dep = np.array(doc["dep"], dtype=float)
-  assert doc["window"] == [0, 1, 2, 3] and dep.shape == (4, 4)
-  upper = dep[np.triu_indices(4, 1)]
-  assert np.isfinite(upper).all() and (upper >= 0).all() and (upper <= 2).all()
-  assert out.with_name("deps.png").stat().st_size > 1000
-  assert doc["fusable_ffn_runs"] == []  # the parent keeps attention everywhere

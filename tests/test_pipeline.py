@@ -15,23 +15,10 @@ from puzzle_jax.core.arch import spec_from_key
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tiny_config(root: pathlib.Path):
-  sys.path.insert(0, str(REPO / "configs"))
-  import smollm2_135m
-  c = smollm2_135m.get_config("tiny")
-  c.workdir = str(root)
-  c.data.local_dir = str(REPO / "data" / "wikitext2")
-  # A stable cost model: timings on a shared 2-core CI machine vary run to run (the fixed part
-  # measured 3.8 vs 6.6 ms in two runs) and flip the MIP's choice; test_costs covers measuring.
-  c.costs.backend = "analytic"
-  return c
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("wd")
-  workdir.run_all(tiny_config(root))
-  return root
+def run_dir(tiny_search_dir):
+  """The tiny search run (conftest.py), shared with the fusion experiments' tests."""
+  return tiny_search_dir
 
 
 def test_stage_artifacts(run_dir):
