@@ -204,5 +204,8 @@ case "${1:-}" in
     [ -n "${INFER:-}" ] && run timeout 190 python3 benchmarks/inference.py --device-size h100 --model smollm2-random \
       --variants scan --out "$OUT/h200_infer_smollm2_${S:-s8}${TAG:-}.json"
     ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z"; exit 2 ;;
+  fusion)  # issue 24: k sequential FFNs vs one fused FFN, hidden 576/4096/8192, batch 1/64, with the cost model
+    run timeout 420 python3 benchmarks/fusion_ffn.py --out "$OUT/fusion_ffn.json"
+    ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t|u|v|w|x|y|z|fusion"; exit 2 ;;
 esac
