@@ -103,16 +103,12 @@ def _fused_costs(config, arch, table: dict, width: int, max_run: int) -> dict:
 
 
 def joint_and_child(config, parent_arch, parent_params, kl, e) -> tuple[list[dict], list[dict]]:
-  from puzzle_jax import workdir as W
-  from puzzle_jax.search import bld, costs, select
+  from puzzle_jax import stages
+  from puzzle_jax.search import costs, library as library_lib, select
   from puzzle_jax.search.realize import realize
-  paths = W.Paths.from_config(config)
-  if not paths.solution.exists():  # the search up to the MIP (this script realizes its own children)
-    from puzzle_jax.stages import stage_fn
-    for stage in W.PIPELINE[:W.PIPELINE.index("mip") + 1]:
-      stage_fn(stage)(config)
-  problem = select.load_problem(config)
-  library = bld.load_library(paths.library)
+  paths = stages.run(config, until="mip")  # skips what is done; this script realizes its own children
+  problem = stages.problem(config, paths)
+  library = library_lib.load_library(paths.library)
   width = parent_arch.blocks[-1].ffn.intermediate_size
   ffn_key = f"ffn/swiglu_{width}"
   first = 1 if problem.targets.keep_first_attn else 0
@@ -151,14 +147,15 @@ def joint_and_child(config, parent_arch, parent_params, kl, e) -> tuple[list[dic
 
 def main(config) -> pathlib.Path:
   from absl import logging
-  from puzzle_jax import workdir as W
+  from puzzle_jax import stages
   from puzzle_jax.search.evaluate import Reference
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   e = config.fusion_exp
   out = pathlib.Path(e.out_dir or pathlib.Path(config.workdir) / "fusion" / "experiments")
   out.mkdir(parents=True, exist_ok=True)
-  arch, params = W.load_parent(config)
-  tokens = W.heldout_tokens(config, W.load_tok(config), config.eval.num_seqs, config.eval.seq_len)
+  paths = stages.run(config, until="import")
+  arch, params = stages.load_parent(paths)
+  tokens = stages.heldout_tokens(config, paths, stages.load_tok(paths), config.eval.num_seqs, config.eval.seq_len)
   ref = Reference(arch, params, tokens, config.eval.batch_size)
   kl = lambda a, p: ref.evaluate(a, p)["kl"]
   res = {"run_length": run_length(arch, params, kl, e.run_starts, e.max_run_length)}

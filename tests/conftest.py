@@ -44,8 +44,8 @@ def smollm2_parent(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_small(smollm2_parent):
   """The real parent's first 4 blocks + its real embedding / head: fast, still real weights."""
-  from puzzle_jax import workdir
-  return workdir.truncate(*smollm2_parent, 4)
+  from puzzle_jax.core import model
+  return model.truncate(*smollm2_parent, 4)
 
 
 @pytest.fixture(scope="session")
@@ -59,30 +59,6 @@ def real_tokens(smollm2_gguf, wikitext_lines):
   return np.asarray(ids[: 16 * 128], np.int32).reshape(16, 128)
 
 
-def tiny_search_config(root: pathlib.Path, config_file: str = "smollm2_135m.py"):
-  """`configs/<config_file>:tiny` writing under `root`, with the analytic cost model: timings on a
-  shared 2-core CI machine vary run to run (the fixed part measured 3.8 vs 6.6 ms in two runs) and
-  flip the MIP's choice; test_costs covers measuring."""
-  spec = importlib.util.spec_from_file_location(config_file[:-3], REPO / "configs" / config_file)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny")
-  c.workdir = str(root)
-  c.data.local_dir = str(REPO / "data" / "wikitext2")
-  c.costs.backend = "analytic"
-  return c
-
-
-@pytest.fixture(scope="session")
-def tiny_search_dir(tmp_path_factory) -> pathlib.Path:
-  """One whole tiny search (import .. evaluate) on the real parent, shared by the tests that read a
-  run directory (test_pipeline, test_fusion_experiments): it is the slowest fixture of the suite."""
-  from puzzle_jax import workdir
-  root = tmp_path_factory.mktemp("wd")
-  workdir.run_all(tiny_search_config(root))
-  return root
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
   """Tiny matmuls: torch's intra-op threads only fight XLA's for the 2 cores (10-100x slower)."""
@@ -91,3 +67,26 @@ def one_torch_thread():
   torch.set_num_threads(1)
   yield
   torch.set_num_threads(n)
+
+
+def tiny_config(root: pathlib.Path):
+  """The `:tiny` search config writing under `root` (real parent slice, WikiText-2, analytic costs)."""
+  import sys
+  sys.path.insert(0, str(REPO / "configs"))
+  import smollm2_135m
+  c = smollm2_135m.get_config("tiny")
+  c.workdir = str(root)
+  c.data.local_dir = str(REPO / "data" / "wikitext2")
+  # A stable cost model: timings on a shared 2-core CI machine vary run to run (the fixed part
+  # measured 3.8 vs 6.6 ms in two runs) and flip the MIP's choice; test_costs covers measuring.
+  c.costs.backend = "analytic"
+  return c
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+  """A finished `:tiny` search (read-only for tests: copy it before changing anything)."""
+  from puzzle_jax import stages
+  root = tmp_path_factory.mktemp("wd")
+  stages.run_all(tiny_config(root))
+  return root

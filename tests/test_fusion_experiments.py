@@ -1,5 +1,5 @@
 """The fusion experiments, the fusion-deps CLI stage and the fusion notebook, end to end at tiny size on
-the real parent (they reuse the suite's one tiny search run, conftest.tiny_search_dir)."""
+the real parent (on a copy of the suite's one tiny search run, conftest.run_dir)."""
 
 import json
 import os
@@ -14,11 +14,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def results(tiny_search_dir):
-  from conftest import tiny_search_config
+def results(run_dir, tmp_path_factory):
+  """The experiments on a copy of the suite's tiny search (conftest.run_dir is read-only)."""
+  import importlib.util
+  import shutil
+  from conftest import tiny_config
+  root = tmp_path_factory.mktemp("fusion") / "wd"
+  shutil.copytree(run_dir, root)
+  spec = importlib.util.spec_from_file_location("fusion_smollm2", REPO / "configs" / "fusion_smollm2.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = tiny_config(root)
+  c.fusion_exp = mod.get_config("tiny").fusion_exp
   sys.path.insert(0, str(REPO / "experiments"))
   import fusion
-  c = tiny_search_config(tiny_search_dir, "fusion_smollm2.py")
   return c, fusion.main(c)
 
 
