@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.parallel_pairs = True  # block-parallelism ablation over every adjacent pair of full blocks.
   e.max_run = 4  # joint search / fuse-after: longest fused run.
   e.speedups = (1.2, 1.3, 1.5)  # joint vs sequential: decode-speed targets of the plain MIP.
+  e.search = True  # run the parts that need the search (child fusion, joint vs sequential; runs it first).
   e.out_dir = ""  # "" = <workdir>/fusion/experiments.
   if "tiny" in (arg or ""):
     e.run_starts, e.max_run_length, e.max_run, e.speedups = (1,), 3, 3, (1.2, 1.5)

@@ -160,7 +160,7 @@ def main(config) -> pathlib.Path:
   kl = lambda a, p: ref.evaluate(a, p)["kl"]
   res = {"run_length": run_length(arch, params, kl, e.run_starts, e.max_run_length)}
   res["block_parallel"] = block_parallel(arch, params, kl) if e.parallel_pairs else []
-  res["child_fusion"], res["joint"] = joint_and_child(config, arch, params, kl, e)
+  res["child_fusion"], res["joint"] = joint_and_child(config, arch, params, kl, e) if e.search else ([], [])
   (out / "fusion.json").write_text(json.dumps(res, indent=1))
   md = ["# FFN Fusion ablations (KL(parent || model), held-out WikiText-2)",
         "## Fused-run length", _table(res["run_length"], ["start", "k", "kl_attn_removed", "kl_fused", "fusion_delta"]),
