@@ -151,3 +151,12 @@ def test_engine_export_writes_253b_layout_and_matches_in_pytorch(setup, tmp_path
   cfg_t = json.loads((ex.export(par, params, tmp_path / "tf", dtype="float32") / "config.json").read_text())
   assert any("parallel_group" in p for p in ex.check_engine_config(cfg_t, "vllm"))
   assert ex.check_engine_config(cfg_t, "transformers") == []
+
+
+def test_config_validation_names_engine_and_fusion_keys():
+  from conftest import tiny_config
+  from puzzle_jax import stages
+  c = tiny_config("/tmp/unused")
+  c.export.engine, c.fusion.max_run, c.fusion.threshold = "sglang", 0, -1.0
+  errors = "\n".join(stages.validate(c))
+  assert "export.engine='sglang'" in errors and "fusion.max_run=0" in errors and "fusion.threshold=-1.0" in errors
