@@ -66,3 +66,25 @@ def test_run_penalties_on_real_slice(smollm2_small, real_tokens):
   sav = FS.run_savings({"ffn/swiglu_8": {"decode_s": 1.0, "prefill_s": 2.0},
                         "ffn/swiglu_16": {"decode_s": 1.5, "prefill_s": 3.5}}, [(1, 2)], 8)
   assert sav == [{"decode_s": 0.5, "prefill_s": 0.5}]
+
+
+def test_healing_a_fused_run_lowers_its_error_and_kl(smollm2_small, real_tokens):
+  import jax
+  import jax.numpy as jnp
+  from puzzle_jax.core import model
+  from puzzle_jax.fusion import heal
+  arch, params = smollm2_small
+  a, p = FS.drop_attention(arch, params, (1, 2, 3))
+  tokens = real_tokens[:4, :32]
+  fa, fp, losses = heal.heal_fused(a, p, (1, 2, 3), tokens, heal.HealSettings(steps=8, lr=3e-4, batch_size=2))
+  # The first step's loss is the exact concatenation's (== parallel members) error.
+  h_in, h_out = heal.run_io(a, p, jnp.asarray(tokens[:2]), (1, 2, 3))
+  unhealed = model.fuse_ffn_params(a, p, (1, 2, 3))["model"]["layers"][1]
+  assert losses[0] == pytest.approx(float(heal._loss(unhealed, h_in, h_out, fa.blocks[1].ffn, fa)), rel=1e-4)
+  assert losses[-1] < 0.9 * losses[0], losses
+  ref = jax.nn.log_softmax(model.forward(a, p, jnp.asarray(tokens)))
+
+  def kl(arch_, params_):
+    lp = jax.nn.log_softmax(model.forward(arch_, params_, jnp.asarray(tokens)))
+    return float(jnp.mean(jnp.sum(jnp.exp(ref) * (ref - lp), -1)))
+  assert kl(fa, fp) < kl(fa, model.fuse_ffn_params(a, p, (1, 2, 3)))  # closer to the sequential run
