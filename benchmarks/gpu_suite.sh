@@ -100,5 +100,17 @@ case "${1:-}" in
     run timeout 400 python3 benchmarks/inference.py --device-size h100 --model 8b-random \
       --variants default,scan,unrolled --serving --out "$OUT/h200_infer_8b.json"
     ;;
-  *) echo "usage: $0 a|c|d|e|f|g|h|k|decode|infer"; exit 2 ;;
+  fusion)  # issue 24: k sequential FFNs vs one fused FFN, hidden 576/4096/8192, batch 1/64, with the cost model
+    run timeout 420 python3 benchmarks/fusion_ffn.py --out "$OUT/fusion_ffn.json"
+    ;;
+  fusion2)  # issue 24 end to end: SmolLM2 with attention removed in layers 12-19, unfused vs two fused runs
+    # of 4 (253B layout), serving harness; prediction from the torch cost table (--check-whole: fused arch)
+    run timeout 200 python3 -m puzzle_jax.harness costs --arch-from benchmarks/data/fusion_fused \
+      --keys attn/gqa_kv3,attn/noop,ffn/swiglu_1536,ffn/swiglu_6144,ffn/noop --batch 4 --prompt-len 128 \
+      --gen-len 64 --check-whole --out "$OUT/fusion_costs_torch.json"
+    run python3 -c "import json; from puzzle_jax.core.arch import Arch; from puzzle_jax.search import costs; t = costs.load_cost_table('$OUT/fusion_costs_torch.json'); p = {n: costs.predicted_totals(Arch.from_hf_config(json.load(open(f'benchmarks/data/fusion_{n}/config.json'))), t)['decode_s'] for n in ('unfused', 'fused')}; print('predicted decode speedup fused/unfused', p['unfused'] / p['fused'], p)"
+    run timeout 300 python3 -m puzzle_jax.harness measure --parent benchmarks/data/fusion_unfused \
+      --child benchmarks/data/fusion_fused --random-weights --out "$OUT/fusion_measure.json"
+    ;;
+  *) echo "usage: $0 a|c|d|e|f|g|h|k|decode|infer|fusion|fusion2"; exit 2 ;;
 esac

@@ -31,7 +31,8 @@ import numpy as np
 from puzzle_jax.export import hf_export
 from puzzle_jax.core.model import expected_shapes  # (re-exported)
 from puzzle_jax.core import names
-from puzzle_jax.core.arch import Arch, ArchError
+from puzzle_jax.core.arch import Arch, ArchError, fusable_groups, fuse_ffn_run
+from puzzle_jax.export import engines
 from puzzle_jax.core.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
 
 Params = dict[str, Any]
@@ -157,10 +158,26 @@ def generation_config(arch: Arch) -> dict[str, Any]:
   return {k: v for k, v in cfg.items() if v is not None}
 
 
+def for_engine(arch: Arch, params: Params | None, engine: str) -> tuple[Arch, Params | None]:
+  """The arch (and params) `engine` loads: for engines without parallel blocks, parallel groups of
+  FFN-only blocks become one wide FFN + no-op placeholders (the 253B layout, exactly equal); then
+  every layer is checked against the engine's rules (EngineError naming the layers)."""
+  if not engines.rules(engine).parallel_blocks:
+    if params is not None:
+      arch, params = model.fuse_parallel_ffns(arch, params)
+    for run in fusable_groups(arch):
+      arch = fuse_ffn_run(arch, run)
+  engines.check_arch(arch, engine)
+  return arch, params
+
+
 def export(arch: Arch, params: Params, out_dir: str | pathlib.Path, *, tokenizer=None,
-           dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+           dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30,
+           engine: str = "transformers") -> pathlib.Path:
   """Write an HF directory loadable with `AutoModelForCausalLM.from_pretrained(out_dir,
-  trust_remote_code=True)`. Replaces an earlier export at `out_dir`; returns its path."""
+  trust_remote_code=True)` and by `engine` (see `puzzle_jax.export.engines`). Replaces an earlier
+  export at `out_dir`; returns its path."""
+  arch, params = for_engine(arch, params, engine)
   out = _target(arch, out_dir, dtype)
   if sys.byteorder != "little":
     raise RuntimeError("safetensors export assumes a little-endian host")
@@ -174,13 +191,14 @@ def export(arch: Arch, params: Params, out_dir: str | pathlib.Path, *, tokenizer
 
 
 def export_config(arch: Arch, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
-                  code: bool = True) -> pathlib.Path:
+                  code: bool = True, engine: str = "transformers") -> pathlib.Path:
   """A weightless export: config.json, generation_config.json and (with `code`) the remote code,
   no safetensors.
 
   Enough for speed runs, which build random weights from the config
   (`puzzle_jax.serving.load.load_model(..., random_weights=True)`, with this package's copy of the
   modeling code, so committed descriptions need no `code`)."""
+  arch, _ = for_engine(arch, None, engine)
   return _write_export(arch, _target(arch, out_dir, dtype), dtype, lambda tmp: None, code)
 
 
@@ -281,6 +299,24 @@ def check_nemotron_nas_config(cfg: dict[str, Any]) -> list[str]:
   heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
   for i, b in enumerate(blocks):
     problems += [f"block_configs[{i}]: {p}" for p in _check_block(b, heads, hidden)]
+  return problems
+
+
+def check_engine_config(cfg: dict[str, Any], engine: str) -> list[str]:
+  """`check_nemotron_nas_config` plus what `engine` does not read (see `engines`): for vLLM no
+  `replace_with_linear` sub-block; for vLLM and TensorRT-LLM no `window_length`. [] if it loads."""
+  r = engines.rules(engine)
+  if not r.width_from_ffn_mult:
+    return []  # the shipped modeling code reads every field we write
+  problems = check_nemotron_nas_config(cfg)
+  for i, b in enumerate(cfg.get("block_configs") or []):
+    a, f = b.get("attention", {}), b.get("ffn", {})
+    if a.get("replace_with_linear") and not r.linear_attn:
+      problems.append(f"block_configs[{i}]: attention.replace_with_linear is not read by {engine}")
+    if f.get("replace_with_linear") and not r.linear_ffn:
+      problems.append(f"block_configs[{i}]: ffn.replace_with_linear is not read by {engine}")
+    if a.get("window_length") and not a.get("no_op") and not r.window:
+      problems.append(f"block_configs[{i}]: attention.window_length={a['window_length']} is not read by {engine}")
   return problems
 
 
