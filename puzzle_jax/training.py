@@ -89,13 +89,27 @@ def save(mngr, step: int, state, data_state: dict) -> None:
   mngr.wait_until_finished()
 
 
-def restore(mngr, abstract_state):
-  """(step, state, data state) of the latest checkpoint; `abstract_state` may carry shardings."""
+def restore(mngr, abstract_state, what: str = "training"):
+  """(step, state, data state) of the newest intact checkpoint, or None. A step that fails to
+  restore (a crash or a full disk mid-write) is moved aside to `ckpt_corrupt/` (never deleted),
+  said so, and the step before it is tried. `abstract_state` may carry shardings."""
   import orbax.checkpoint as ocp
-  step = mngr.latest_step()
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                   data=ocp.args.JsonRestore()))
-  return step, out["state"], out["data"]
+  root, errors = pathlib.Path(mngr.directory), []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                       data=ocp.args.JsonRestore()))
+      return step, out["state"], out["data"]
+    except Exception as e:  # orbax/tensorstore raise many types for a truncated file
+      errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+      aside = root.parent / "ckpt_corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      (root / str(step)).rename(aside)
+      mngr.reload()
+      print(f"{what}: checkpoint step {step} is unreadable ({errors[-1]}); moved to {aside}, "
+            "resuming from the one before", flush=True)
+  print(f"{what}: no intact checkpoint left; training from step 0 (same result, more time)", flush=True)
+  return None
 
 
 # ----------------------------------------------------------------------------- loss log
@@ -105,7 +119,7 @@ class LossLog:
   def __init__(self, path: pathlib.Path, resume_step: int, *, what: str, hint: str):
     self.path, self.what, self.hint = path, what, hint
     lines = path.read_text().splitlines() if path.exists() else []
-    keep = [l for l in lines if json.loads(l)["step"] <= resume_step]
+    keep = [l for l in lines if _step_of(l) <= resume_step]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(l + "\n" for l in keep))
 
@@ -116,6 +130,14 @@ class LossLog:
                                f"last checkpoint is intact: {self.hint}")
     with self.path.open("a") as f:
       f.write(json.dumps({"step": step, "loss": dict(row)}) + "\n")
+
+
+def _step_of(line: str) -> float:
+  """A log line's step; a line cut short by a kill counts as past any resume point (it is dropped)."""
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return float("inf")
 
 
 def read_log(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -200,10 +200,11 @@ def train(student_arch: Arch, student: Params, teacher_arch: Arch, teacher: Para
   abstract = jax.eval_shape(lambda: init_state(student, optimizer))
   shardings = fsdp_sharding(abstract, mesh)
   mngr = training.ckpt_manager(workdir / "ckpt")
-  if mngr.latest_step() is not None:
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract, shardings)
-    start, state, data_state = training.restore(mngr, target)
+  target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract, shardings)
+  restored = training.restore(mngr, target, what="gkd") if mngr.all_steps() else None
+  if restored is not None:
+    start, state, data_state = restored
     batches.set_state(data_state)
   else:
     start, state = 0, jax.jit(functools.partial(init_state, optimizer=optimizer), out_shardings=shardings)(student)
