@@ -114,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.gkd.data_parallel = -1  # devices on the data axis (params FSDP-sharded over it); -1 = all that divide batch_size.
 
   c.distill_data = ml_collections.ConfigDict()  # the parent's own continuations (distill-data stage)
-  c.distill_data.num_tokens = 20_000  # generated tokens to reach (whole shards; resumable).
+  c.distill_data.num_tokens = 2048  # generated tokens to reach (whole shards; resumable).
   c.distill_data.batch_size = 16  # prompts per generate call = records per shard.
   c.distill_data.prompt_len = 32  # training-text tokens per prompt.
   c.distill_data.max_new_tokens = 128  # continuation length cap (stops earlier at a stop token).
@@ -170,8 +170,8 @@ def _shrink(c: ml_collections.ConfigDict) -> None:
   c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 2, 32, 2
   c.costs.batch, c.costs.prompt_len, c.costs.gen_len, c.costs.repeats = 2, 16, 8, 2
   c.generate.max_new_tokens = 8
-  c.gkd.steps, c.gkd.batch_size, c.gkd.seq_len, c.gkd.checkpoint_every = 3, 2, 32, 2
-  c.distill_data.num_tokens, c.distill_data.batch_size = 64, 4
+  c.gkd.steps, c.gkd.batch_size, c.gkd.seq_len, c.gkd.checkpoint_every = 2, 2, 32, 2
+  c.distill_data.num_tokens, c.distill_data.batch_size = 32, 4
   c.distill_data.prompt_len, c.distill_data.max_new_tokens = 16, 8
   c.mip.target_decode_speedup = 1.2
   c.mip.pareto_speedups = (1.1, 1.2, 1.5)

@@ -54,10 +54,6 @@ class CorpusConfig:
     if self.num_tokens <= 0 or self.batch_size <= 0 or self.max_new_tokens <= 0 or self.prompt_len <= 0:
       raise ValueError("distill_data.num_tokens, batch_size, prompt_len and max_new_tokens must be > 0")
 
-  @classmethod
-  def from_config(cls, c, seed: int) -> CorpusConfig:
-    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls) if f.name != "seed"}, seed=seed)
-
 
 def shard_path(out_dir: pathlib.Path, i: int) -> pathlib.Path:
   return out_dir / f"shard-{i:05d}.array_record"

@@ -62,10 +62,6 @@ class GKDConfig:
     if self.temperature <= 0:
       raise ValueError(f"gkd.temperature must be > 0, got {self.temperature}")
 
-  @classmethod
-  def from_config(cls, c) -> GKDConfig:
-    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
-
 
 # ----------------------------------------------------------------------------- losses
 def kl_per_token(teacher_BxLxV, student_BxLxV, temperature: float = 1.0, top_k: int = 0) -> jax.Array:
@@ -170,6 +166,14 @@ def fsdp_sharding(tree, mesh: Mesh, axis: str = "data"):
     return NamedSharding(mesh, P(*spec))
 
   return jax.tree_util.tree_map(one, tree)
+
+
+def data_mesh(batch_size: int, size: int = -1, devices=None) -> Mesh:
+  """A ("data",) mesh; size -1 takes the most devices that divide the batch."""
+  devices = list(devices if devices is not None else jax.devices())
+  if size == -1:
+    size = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0 and len(devices) % n == 0)
+  return training.make_mesh((("data", size),), devices)
 
 
 def compile_step(student_arch: Arch, teacher_arch: Arch, cfg: GKDConfig, optimizer, mesh: Mesh,
