@@ -24,9 +24,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from puzzle_jax import training, workdir as W
+from puzzle_jax import stages, training
 from puzzle_jax.distill import gkd
-from puzzle_jax.search import bld, candidates as cands, costs, scoring, select
+from puzzle_jax.search import bld, costs, library as library_lib, scoring, select
 from puzzle_jax.search.evaluate import Reference
 from puzzle_jax.search.realize import realize
 
@@ -34,10 +34,11 @@ from puzzle_jax.search.realize import realize
 @dataclasses.dataclass
 class Base:
   config: Any  # the search's ConfigDict (read here, at the experiment boundary, only)
+  paths: stages.Paths
   arch: Any
   params: dict
   tok: Any
-  library: bld.Library
+  library: library_lib.Library
   scores: dict
   table: dict
   ref: Reference
@@ -45,20 +46,17 @@ class Base:
 
 def base_run(search) -> Base:
   """The search's first stages (skipped when done) and their artifacts."""
-  from puzzle_jax.stages import stage_fn
-  for name in ("import", "bld", "score", "costs"):
-    stage_fn(name)(search)
-  paths = W.Paths.from_config(search)
-  arch, params = W.load_parent(search)
-  tok = W.load_tok(search)
-  library = bld.load_library(paths.library)
+  paths = stages.run(search, until="costs")
+  arch, params = stages.load_parent(paths)
+  tok = stages.load_tok(paths)
+  library = library_lib.load_library(paths.library)
   table = costs.load_cost_table(paths.costs, library.arch, sorted(library.keys))
-  held = W.heldout_tokens(search, tok, search.eval.num_seqs, search.eval.seq_len)
-  return Base(search, arch, params, tok, library, scoring.load_scores(paths.scores), table,
+  held = stages.heldout_tokens(search, paths, tok, search.eval.num_seqs, search.eval.seq_len)
+  return Base(search, paths, arch, params, tok, library, scoring.load_scores(paths.scores), table,
               Reference(arch, params, held, search.eval.batch_size))
 
 
-def with_nmse(library: bld.Library, scores: dict) -> dict:
+def with_nmse(library: library_lib.Library, scores: dict) -> dict:
   """Scores plus each candidate's held-out BLD loss as the metric "nmse"."""
   return {cid: {**m, "nmse": library.bld_loss[cid]} for cid, m in scores.items()}
 
@@ -66,7 +64,7 @@ def with_nmse(library: bld.Library, scores: dict) -> dict:
 def child(base: Base, library, scores, metric: str, target: float):
   """The MIP's child at `target` under `metric`: (arch, params, predicted speedup)."""
   problem = select.build_problem(library, with_nmse(library, scores), base.table, metric,
-                                 select.Targets.from_config(base.config.mip))
+                                 stages.targets(base.config.mip))
   sol = problem.solve(target)
   arch, params = realize(library, base.params, list(sol.choices))
   return arch, params, problem.parent_totals["decode_s"] / sol.totals["decode_s"]
@@ -78,24 +76,25 @@ def measure(base: Base, arch, params) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- sweeps
 def sweep_bld_tokens(base: Base, c, out: pathlib.Path) -> list[dict]:
-  s = base.config
-  lib_cands = cands.build_library(base.arch, cands.LibraryConfig.from_config(s.library))
-  score_cfg = scoring.ScoreConfig.from_config(s.score)
-  score_toks = W.heldout_tokens(s, base.tok, score_cfg.num_seqs, score_cfg.seq_len)
+  from puzzle_jax.search import candidates as cands
+  s, paths = base.config, base.paths
+  lib_cands = cands.build_library(base.arch, stages.library_settings(s.library))
+  score_cfg = stages.settings(scoring.ScoreConfig, s.score)
+  score_toks = stages.heldout_tokens(s, paths, base.tok, score_cfg.num_seqs, score_cfg.seq_len)
   rows = []
   for steps in c.bld_steps:
-    cfg = dataclasses.replace(bld.BLDConfig.from_config(s.bld), steps=steps, checkpoint_every=steps)
+    cfg = dataclasses.replace(stages.settings(bld.BLDConfig, s.bld), steps=steps, checkpoint_every=steps)
     split = lambda x: [x[i:i + cfg.batch_size] for i in range(0, len(x), cfg.batch_size)]
-    calib = split(W.heldout_tokens(s, base.tok, cfg.calib_batches * cfg.batch_size, cfg.seq_len,
-                                   split=s.data.train_split))
-    held = split(W.heldout_tokens(s, base.tok, cfg.eval_batches * cfg.batch_size, cfg.seq_len))
+    calib = split(stages.heldout_tokens(s, paths, base.tok, cfg.calib_batches * cfg.batch_size, cfg.seq_len,
+                                        split=s.data.train_split))
+    held = split(stages.heldout_tokens(s, paths, base.tok, cfg.eval_batches * cfg.batch_size, cfg.seq_len))
     d = out / f"bld_{steps}"
     groups, trained = bld.train(base.arch, base.params, lib_cands, cfg,
-                                W.TrainBatches(s, base.tok, cfg.batch_size, cfg.seq_len), calib, d,
+                                stages.train_batches(s, paths, base.tok, cfg.batch_size, cfg.seq_len), calib, d,
                                 mesh=training.make_mesh(s.mesh), key=jax.random.PRNGKey(s.seed), progress=False)
     losses = bld.evaluate(base.arch, base.params, groups, trained, held)
-    bld.save_library(d / "library", base.arch, lib_cands, groups, trained, losses, cfg)
-    library = bld.load_library(d / "library")
+    library_lib.save_library(d / "library", base.arch, lib_cands, groups, trained, losses, cfg)
+    library = library_lib.load_library(d / "library")
     scores = scoring.Scorer(base.arch, base.params, score_cfg).score(library, score_toks, progress=False)
     arch, params, speedup = child(base, library, scores, "kl", c.target_speedup)
     rows.append({"bld_steps": steps, "bld_tokens": steps * cfg.batch_size * cfg.seq_len,
@@ -112,18 +111,17 @@ def sweep_metric(base: Base, c, out: pathlib.Path) -> list[dict]:
 
 
 def _gkd(base: Base, arch, params, cfg: gkd.GKDConfig, d: pathlib.Path) -> dict:
-  s = base.config
   if cfg.steps == 0:
     return measure(base, arch, params)
   trained = gkd.train(arch, params, base.arch, base.params, cfg,
-                      W.TrainBatches(s, base.tok, cfg.batch_size, cfg.seq_len), d,
+                      stages.train_batches(base.config, base.paths, base.tok, cfg.batch_size, cfg.seq_len), d,
                       mesh=training.make_mesh((("data", 1),), jax.devices()[:1]), progress=False)
   return measure(base, arch, trained)
 
 
 def sweep_gkd_mix(base: Base, c, out: pathlib.Path) -> list[dict]:
   arch, params, speedup = child(base, base.library, base.scores, "kl", c.target_speedup)
-  cfg0 = dataclasses.replace(gkd.GKDConfig.from_config(base.config.gkd), steps=c.gkd.steps,
+  cfg0 = dataclasses.replace(stages.settings(gkd.GKDConfig, base.config.gkd), steps=c.gkd.steps,
                              checkpoint_every=c.gkd.steps)
   rows = []
   for name, (kl, lm, hidden) in c.gkd.mixes.items():
@@ -135,7 +133,7 @@ def sweep_gkd_mix(base: Base, c, out: pathlib.Path) -> list[dict]:
 
 def sweep_gkd_tokens(base: Base, c, out: pathlib.Path) -> list[dict]:
   arch, params, speedup = child(base, base.library, base.scores, "kl", c.target_speedup)
-  cfg0 = gkd.GKDConfig.from_config(base.config.gkd)
+  cfg0 = stages.settings(gkd.GKDConfig, base.config.gkd)
   rows = []
   for steps in c.gkd.step_grid:
     cfg = dataclasses.replace(cfg0, steps=steps, checkpoint_every=max(steps, 1))

@@ -211,7 +211,9 @@ def train(student_arch: Arch, student: Params, teacher_arch: Arch, teacher: Para
     start, state, data_state = restored
     batches.set_state(data_state)
   else:
-    start, state = 0, jax.jit(functools.partial(init_state, optimizer=optimizer), out_shardings=shardings)(student)
+    # Placed first: a checkpoint's arrays arrive committed to one device, the mesh may span more.
+    student = jax.device_put(student, fsdp_sharding(student, mesh))
+    start, state = 0, jax.device_put(init_state(student, optimizer), shardings)
   dt = jnp.dtype(cfg.compute_dtype)
   teacher = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dt), teacher)  # cast once, not per step
   teacher = jax.device_put(teacher, fsdp_sharding(teacher, mesh))
