@@ -152,9 +152,10 @@ def _grow(c: ml_collections.ConfigDict) -> None:
   c.score.num_seqs, c.score.seq_len, c.score.batch_size, c.score.candidate_chunk = 32, 512, 8, 8
   c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 64, 512, 8
   c.costs.batch, c.costs.prompt_len, c.costs.gen_len = 64, 512, 256
-  c.gkd.steps, c.gkd.batch_size, c.gkd.seq_len, c.gkd.warmup_steps = 2000, 16, 1024, 100
-  c.gkd.compute_dtype, c.gkd.checkpoint_every, c.gkd.data = "bfloat16", 250, "corpus"
-  c.distill_data.num_tokens, c.distill_data.batch_size = 10_000_000, 1024
+  # ~5M GKD tokens on the parent's own text; more (--config.gkd.steps) for the retention goals.
+  c.gkd.steps, c.gkd.batch_size, c.gkd.seq_len, c.gkd.warmup_steps = 300, 16, 1024, 30
+  c.gkd.compute_dtype, c.gkd.checkpoint_every, c.gkd.data = "bfloat16", 100, "corpus"
+  c.distill_data.num_tokens, c.distill_data.batch_size = 2_000_000, 1024
   c.distill_data.prompt_len, c.distill_data.max_new_tokens, c.distill_data.dtype = 64, 256, "bfloat16"
   c.library.windows = (128,)
 

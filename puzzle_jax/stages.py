@@ -320,7 +320,6 @@ def _gkd(config, paths: Paths) -> None:
   before, after = ref.evaluate(child_arch, child), ref.evaluate(child_arch, trained)
   gkd.plot_losses(paths.gkd / "losses.jsonl", paths.gkd / "losses.png")
   artifacts.write_json(paths.gkd / "metrics.json", {"before": before, "after": after,
-                                                    "parent": ref.evaluate(parent_arch, parent),
                                                     "tokens": cfg.steps * cfg.batch_size * cfg.seq_len})
   print(gkd.summary(before, after))
 

@@ -140,6 +140,14 @@ def _step_of(line: str) -> float:
     return float("inf")
 
 
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend (plots are PNGs; no display needed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
 def read_log(path: pathlib.Path) -> list[dict[str, Any]]:
   return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 

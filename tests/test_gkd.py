@@ -12,6 +12,7 @@ from puzzle_jax import training
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import BlockSpec, spec_from_key, uniform_arch
 from puzzle_jax.distill import gkd
+from test_bld import _DiesAfter, _Killed  # batches that die mid-run, as in BLD's resume test
 
 ARCH = uniform_arch(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
                     intermediate_size=64)
@@ -107,26 +108,11 @@ def test_sharded_equals_single_device(setup, tmp_path):
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p8, p1)
 
 
-class _Killed(Exception):
-  pass
-
-
-class _DiesAt(training.ArrayBatches):
-  def __init__(self, *a, die_at, **kw):
-    super().__init__(*a, **kw)
-    self.die_at = die_at
-
-  def __next__(self):
-    if self.pos == self.die_at:
-      raise _Killed()
-    return super().__next__()
-
-
 def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):
   mesh = training.make_mesh((("data", 2),), jax.devices()[:2])
   ref = _train(setup, tmp_path / "ref", mesh)
   with pytest.raises(_Killed):  # dies in step 4, after the step-2 checkpoint
-    _train(setup, tmp_path / "run", mesh, _DiesAt(setup[3], CFG.batch_size, die_at=3))
+    _train(setup, tmp_path / "run", mesh, _DiesAfter(setup[3], CFG.batch_size, die_at=3))
   assert (tmp_path / "run" / "ckpt" / "2").exists() and not (tmp_path / "run" / "ckpt" / "4").exists()
   resumed = _train(setup, tmp_path / "run", mesh)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ref, resumed)

@@ -235,9 +235,7 @@ def train(student_arch: Arch, student: Params, teacher_arch: Arch, teacher: Para
 
 def plot_losses(log_path: pathlib.Path, png: pathlib.Path) -> None:
   """Loss curves: the total and each non-zero term, log scale."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = training.pyplot()
   rows = training.read_log(log_path)
   if not rows:
     return

@@ -256,9 +256,7 @@ def evaluate(arch: Arch, parent_params: Params, groups: Sequence[Group], params_
 
 def plot_losses(log_path: pathlib.Path, png: pathlib.Path) -> None:
   """Per-candidate BLD loss curves, coloured by variant."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = training.pyplot()
   rows = training.read_log(log_path)
   if not rows:
     return
