@@ -54,6 +54,10 @@ case "${1:-}" in
     run timeout 170 python3 benchmarks/inference.py --device-size h100 --model child-random --variants scan --compile-80 --out "$OUT/infer_child.json"
     run timeout 250 python3 benchmarks/cost_fidelity.py --out "$OUT/fidelity.json"
     ;;
+  gkd)  # GKD step tokens/s (SmolLM2 child) and MFU (Llama-3.2-1B shapes), teacher corpus >= 10M tokens
+    if [ -f "$GGUF" ]; then G="--gguf $GGUF"; else G=""; fi
+    run timeout 420 python3 benchmarks/distill.py $G --out "$OUT/distill.json"
+    ;;
   f)  # fresh machine, no GGUF: transformers comparison on SmolLM2 shapes, fidelity, 80-layer compile
     run timeout 170 python3 benchmarks/inference.py --device-size h100 --model smollm2-random --variants unrolled \
       --out "$OUT/infer_smollm2_hf.json"

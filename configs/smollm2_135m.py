@@ -94,6 +94,35 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.seq_len = 128  # their length.
   c.eval.batch_size = 2  # sequences per forward.
 
+  c.gkd = ml_collections.ConfigDict()  # global knowledge distillation of the realized child
+  c.gkd.steps = 20  # optimizer steps (the CPU default is a short GKD).
+  c.gkd.batch_size = 2  # sequences per step (a multiple of the data-parallel device count).
+  c.gkd.seq_len = 128  # tokens per sequence.
+  c.gkd.lr = 1e-4  # AdamW peak learning rate.
+  c.gkd.warmup_steps = 2  # linear warmup, then cosine decay to 10%.
+  c.gkd.weight_decay = 0.0  # AdamW decoupled weight decay.
+  c.gkd.clip_norm = 1.0  # global gradient-norm clip (0 = off).
+  c.gkd.kl_weight = 1.0  # weight of KL(parent || child) on next-token distributions.
+  c.gkd.lm_weight = 0.0  # weight of LM cross-entropy on the data.
+  c.gkd.hidden_weight = 0.0  # weight of the hidden-state term at aligned block outputs.
+  c.gkd.hidden_loss = "cosine"  # that term: "cosine" (1 - cos) or "nmse" (||s - t||^2 / ||t||^2).
+  c.gkd.temperature = 1.0  # KL temperature T (the term is scaled by T^2).
+  c.gkd.top_k = 0  # KL over the parent's top-k tokens plus a rest bucket (0 = full vocabulary).
+  c.gkd.compute_dtype = "float32"  # forward/backward dtype; master weights stay float32.
+  c.gkd.checkpoint_every = 10  # orbax checkpoint period (steps); resume is automatic.
+  c.gkd.data = "wikitext"  # "wikitext": data.train_split; "corpus": the distill-data shards.
+  c.gkd.data_parallel = -1  # devices on the data axis (params FSDP-sharded over it); -1 = all that divide batch_size.
+
+  c.distill_data = ml_collections.ConfigDict()  # the parent's own continuations (distill-data stage)
+  c.distill_data.num_tokens = 2048  # generated tokens to reach (whole shards; resumable).
+  c.distill_data.batch_size = 16  # prompts per generate call = records per shard.
+  c.distill_data.prompt_len = 32  # training-text tokens per prompt.
+  c.distill_data.max_new_tokens = 128  # continuation length cap (stops earlier at a stop token).
+  c.distill_data.temperature = 1.0  # sampling temperature (0 = greedy).
+  c.distill_data.top_p = 0.95  # nucleus threshold.
+  c.distill_data.chat_fraction = 0.5  # share of prompts wrapped as a user turn in the chat template.
+  c.distill_data.dtype = "float32"  # the teacher's compute dtype while generating.
+
   c.generate = ml_collections.ConfigDict()
   c.generate.checkpoint = "parent"  # "parent", "child" or a checkpoint path.
   c.generate.prompt = "What is the capital of France?"  # user message (chat template applied).
@@ -135,6 +164,11 @@ def _grow(c: ml_collections.ConfigDict) -> None:
   c.score.num_seqs, c.score.seq_len, c.score.batch_size, c.score.candidate_chunk = 32, 512, 8, 8
   c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 64, 512, 8
   c.costs.batch, c.costs.prompt_len, c.costs.gen_len = 64, 512, 256
+  # ~5M GKD tokens on the parent's own text; more (--config.gkd.steps) for the retention goals.
+  c.gkd.steps, c.gkd.batch_size, c.gkd.seq_len, c.gkd.warmup_steps = 300, 16, 1024, 30
+  c.gkd.compute_dtype, c.gkd.checkpoint_every, c.gkd.data = "bfloat16", 100, "corpus"
+  c.distill_data.num_tokens, c.distill_data.batch_size = 2_000_000, 1024
+  c.distill_data.prompt_len, c.distill_data.max_new_tokens, c.distill_data.dtype = 64, 256, "bfloat16"
   c.library.windows = (128,)
   c.fusion.num_seqs, c.fusion.seq_len, c.fusion.batch_size = 32, 512, 8
 
@@ -151,6 +185,9 @@ def _shrink(c: ml_collections.ConfigDict) -> None:
   c.costs.batch, c.costs.prompt_len, c.costs.gen_len, c.costs.repeats = 2, 16, 8, 2
   c.generate.max_new_tokens = 8
   c.fusion.num_seqs, c.fusion.seq_len = 2, 32
+  c.gkd.steps, c.gkd.batch_size, c.gkd.seq_len, c.gkd.checkpoint_every = 2, 2, 32, 2
+  c.distill_data.num_tokens, c.distill_data.batch_size = 32, 4
+  c.distill_data.prompt_len, c.distill_data.max_new_tokens = 16, 8
   c.mip.target_decode_speedup = 1.2
   c.mip.pareto_speedups = (1.1, 1.2, 1.5)
 

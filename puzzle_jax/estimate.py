@@ -69,6 +69,9 @@ class Work:
   costs_backend: str
   variants: int  # distinct variant keys (what the costs stage times)
   sweep: int  # speed targets the MIP and evaluate solve for
+  gkd: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"steps": 0, "batch_size": 1, "seq_len": 1})
+  distill_data: Mapping[str, Any] = dataclasses.field(  # num_tokens, batch_size, prompt_len, max_new_tokens
+      default_factory=lambda: {"num_tokens": 0, "batch_size": 1, "prompt_len": 1, "max_new_tokens": 1})
 
 
 def _fwd_s(arch: Arch, p: Probe, tokens: int, seq_len: int) -> float:
@@ -92,8 +95,20 @@ def stage_seconds(arch: Arch, p: Probe, w: Work) -> dict[str, float]:
       "costs": (0.1 if w.costs_backend == "analytic" else 4 * w.variants * p.compile_s / max(n, 1)),
       "mip": _MIP_S_PER_SOLVE * (1 + w.sweep),
       "realize": 1.0 + 2 * weights / _SAVE_BYTES_PER_S,
+      "distill-data": _distill_data_s(arch, p, w.distill_data),
+      # GKD: teacher forward + student forward and backward (~4 forwards) per step, three compiles.
+      "gkd": 3 * p.compile_s + w.gkd["steps"] * 4 * _fwd_s(arch, p, w.gkd["batch_size"] * w.gkd["seq_len"],
+                                                           w.gkd["seq_len"]),
       "evaluate": (1 + 3 * w.sweep) * (p.compile_s + _fwd_s(arch, p, e["num_seqs"] * e["seq_len"], e["seq_len"])),
   }
+
+
+def _distill_data_s(arch: Arch, p: Probe, d: Mapping[str, Any]) -> float:
+  """Decoding is one token per row per step: each step costs about a forward of `batch_size` tokens."""
+  shards = -(-d["num_tokens"] // (d["batch_size"] * d["max_new_tokens"]))
+  step = _fwd_s(arch, p, d["batch_size"], 1)
+  return 2 * p.compile_s + shards * (d["max_new_tokens"] * step + _fwd_s(arch, p, d["batch_size"] * d["prompt_len"],
+                                                                        d["prompt_len"]))
 
 
 def stage_peak_bytes(arch: Arch, w: Work) -> dict[str, float]:
@@ -111,6 +126,10 @@ def stage_peak_bytes(arch: Arch, w: Work) -> dict[str, float]:
       "costs": weights,
       "mip": 0.2 * GB,
       "realize": 2 * weights,
+      "distill-data": weights + 4 * w.distill_data["batch_size"] * (
+          w.distill_data["prompt_len"] + w.distill_data["max_new_tokens"]) * 2 * d * n + logits(w.distill_data["batch_size"], 1),
+      # float32 student + Adam (4x its weights), the teacher, three [B, L, V] logits-sized tensors.
+      "gkd": 5 * weights + logits(w.gkd["batch_size"], w.gkd["seq_len"], 3),
       "evaluate": 2 * weights + logits(e["batch_size"], e["seq_len"], 3),
   }
 
@@ -123,11 +142,11 @@ def plan_rows(statuses: Sequence[Any], seconds: Mapping[str, float],
 
 
 def format_plan(rows: Sequence[Mapping[str, Any]], root) -> str:
-  lines = [f"plan for {root}:", f"  {'stage':<10} {'state':<7} {'est. time':>10} {'peak mem':>9}"]
+  lines = [f"plan for {root}:", f"  {'stage':<12} {'state':<7} {'est. time':>10} {'peak mem':>9}"]
   for r in rows:
     t = "-" if r["est_s"] is None else _duration(r["est_s"])
     m = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f} GB"
-    lines.append(f"  {r['stage']:<10} {r['state']:<7} {t:>10} {m:>9}")
+    lines.append(f"  {r['stage']:<12} {r['state']:<7} {t:>10} {m:>9}")
     lines += [f"      {w}" for w in r["why"]]
   todo = [r["est_s"] for r in rows if r["est_s"] is not None]
   lines.append(f"  total still to run: {_duration(float(np.sum(todo)))}" if todo else "  everything is done")

@@ -8,6 +8,7 @@ Run directory (`config.workdir`, marked as ours by `.puzzle_jax.json`):
   parent/ tokenizer/   import        bld/      bld (ckpt/, library/, losses.{jsonl,png})
   scores/              score         costs/    costs
   mip/                 mip           child/    realize
+  corpus/              distill-data  gkd/      gkd (ckpt/, child/, losses.{jsonl,png}, metrics.json)
   report/              evaluate      records/  one <stage>.json per stage   superseded/  moved-aside runs
 A stage's record holds the config subtree it read, its inputs' fingerprints and the package version.
 It is written as "running" before the stage starts and "done" after its artifact; a stage is skipped
@@ -55,6 +56,9 @@ class Paths:
   report = property(lambda s: s.root / "report" / "report.json")
   tfds = property(lambda s: s.root / "tfds")
   records = property(lambda s: s.root / "records")
+  corpus = property(lambda s: s.root / "corpus")
+  gkd = property(lambda s: s.root / "gkd")
+  gkd_child = property(lambda s: s.root / "gkd" / "child")
 
   def record(self, stage: str) -> pathlib.Path:
     return self.records / f"{stage}.json"
@@ -255,6 +259,69 @@ def _realize(config, paths: Paths) -> None:
   arch, params = realize.realize(library_lib.load_library(paths.library), parent_params, load_solution(paths))
   io.save_checkpoint(paths.child, arch, params, overwrite=True)
   print(arch.table())
+
+
+@_stage("distill-data", "teacher-generated corpus: the parent continues training-text / chat prompts",
+        reads=("distill_data",) + _DATA, inputs=("import",), dirs=("corpus",),
+        artifact=lambda p: p.corpus / "corpus.json", ignore=_DATA_IGNORE)
+def _distill_data(config, paths: Paths) -> None:
+  import jax.numpy as jnp
+  from puzzle_jax.distill import corpus
+  from puzzle_jax.io import data
+  arch, params = load_parent(paths)
+  tok = load_tok(paths)
+  cfg = dataclasses.replace(settings(corpus.CorpusConfig, config.distill_data), seed=config.seed)
+  # Prompts come from the training text (the same packed stream BLD and GKD read).
+  stream = data.token_stream(_text(config, paths, config.data.train_split), tok.encode, seed=config.seed,
+                             bos_id=None, eos_id=data.doc_separator(tok), text_key=config.data.text_key)
+  params = _cast(params, jnp.dtype(cfg.dtype))
+  doc = corpus.generate(arch, params, stream, cfg, paths.corpus, tok)
+  print(f"distill-data: {doc['generated_tokens']:,} tokens in {doc['shards']} shards under {paths.corpus}")
+
+
+def _cast(params, dtype):
+  import jax
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+
+
+def gkd_batches(config, paths: Paths, tok, batch_size: int, seq_len: int):
+  """GKD's training batches: the training split, or the distill-data corpus (`gkd.data`)."""
+  from puzzle_jax.distill import corpus
+  from puzzle_jax.io import data
+  if config.gkd.data == "wikitext":
+    return train_batches(config, paths, tok, batch_size, seq_len)
+  return data.TokenBatches(corpus.source(paths.corpus), tok, batch_size, seq_len, seed=config.seed,
+                           text_key="tokens")
+
+
+@_stage("gkd", "global knowledge distillation of the realized child against the parent (logits on the fly)",
+        reads=("gkd", "eval") + _DATA, inputs=("import", "realize", "distill-data"), dirs=("gkd",),
+        artifact=lambda p: p.gkd / "metrics.json",
+        ignore=_DATA_IGNORE + ("gkd.checkpoint_every", "eval.batch_size"))
+def _gkd(config, paths: Paths) -> None:
+  import jax
+  from puzzle_jax import io
+  from puzzle_jax.distill import gkd
+  from puzzle_jax.search.evaluate import Reference
+  parent_arch, parent = load_parent(paths)
+  child_arch, child = io.load_checkpoint(paths.child)
+  tok = load_tok(paths)
+  cfg = settings(gkd.GKDConfig, config.gkd)
+  mesh = gkd.data_mesh(cfg.batch_size, config.gkd.data_parallel)
+  print(f"gkd: {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens from {config.gkd.data}, "
+        f"mesh {dict(mesh.shape)}")
+  trained = jax.device_get(gkd.train(child_arch, child, parent_arch, parent, cfg,
+                                     gkd_batches(config, paths, tok, cfg.batch_size, cfg.seq_len), paths.gkd,
+                                     mesh=mesh))
+  dtype = jax.tree_util.tree_leaves(child)[0].dtype  # the child's storage dtype (the parent's)
+  io.save_checkpoint(paths.gkd_child, child_arch, _cast(trained, dtype), overwrite=True)
+  held = heldout_tokens(config, paths, tok, config.eval.num_seqs, config.eval.seq_len)
+  ref = Reference(parent_arch, parent, held, config.eval.batch_size)
+  before, after = ref.evaluate(child_arch, child), ref.evaluate(child_arch, trained)
+  gkd.plot_losses(paths.gkd / "losses.jsonl", paths.gkd / "losses.png")
+  artifacts.write_json(paths.gkd / "metrics.json", {"before": before, "after": after,
+                                                    "tokens": cfg.steps * cfg.batch_size * cfg.seq_len})
+  print(gkd.summary(before, after))
 
 
 @_stage("evaluate", "perplexity, KL, top-1: parent vs MIP child vs same-cost baselines over the sweep",
@@ -566,7 +633,8 @@ def plan(config) -> list[dict[str, Any]]:
       trained=sum(cands.is_trainable(arch, c) for c in library), groups=len(bld.make_groups(arch, library)),
       bld=config.bld.to_dict(), score=config.score.to_dict(), eval=config.eval.to_dict(),
       costs_backend="table" if config.costs.table else config.costs.backend,
-      variants=len({c.key for c in library}), sweep=len(set(config.mip.pareto_speedups)))
+      variants=len({c.key for c in library}), sweep=len(set(config.mip.pareto_speedups)),
+      gkd=config.gkd.to_dict(), distill_data=config.distill_data.to_dict())
   probe = estimate.probe(arch, config.score.batch_size, config.score.seq_len)
   rows = estimate.plan_rows(status(config), estimate.stage_seconds(arch, probe, work),
                             estimate.stage_peak_bytes(arch, work))
@@ -596,17 +664,23 @@ _ENUMS = {
     "parent.dtype": _FLOATS, "costs.dtype": _FLOATS, "export.dtype": _FLOATS,
     "export.engine": ("transformers", "vllm", "trtllm"),
     "costs.kv_dtype": _FLOATS + ("fp8", "float8_e4m3fn", "int8"),
+    "gkd.hidden_loss": ("cosine", "nmse"), "gkd.data": ("wikitext", "corpus"), "gkd.compute_dtype": _FLOATS,
+    "distill_data.dtype": _FLOATS,
 }
 _POSITIVE_INTS = ("bld.steps", "bld.batch_size", "bld.seq_len", "bld.checkpoint_every", "bld.calib_batches",
                   "bld.eval_batches", "score.num_seqs", "score.seq_len", "score.batch_size",
                   "score.candidate_chunk", "costs.batch", "costs.prompt_len", "costs.gen_len", "costs.repeats",
                   "eval.num_seqs", "eval.seq_len", "eval.batch_size", "generate.max_new_tokens",
                   "library.ffn_multiple", "mip.num_solutions", "fusion.num_seqs", "fusion.seq_len",
-                  "fusion.batch_size", "fusion.max_run")
+                  "fusion.batch_size", "fusion.max_run", "gkd.steps", "gkd.batch_size", "gkd.seq_len",
+                  "gkd.checkpoint_every", "distill_data.num_tokens", "distill_data.batch_size",
+                  "distill_data.prompt_len", "distill_data.max_new_tokens")
 _NON_NEGATIVE = ("bld.warmup_steps", "bld.weight_decay", "bld.ridge", "parent.max_layers", "mip.max_params",
                  "mip.target_decode_speedup", "mip.target_prefill_speedup", "mip.max_memory_gb",
-                 "generate.temperature", "fusion.start", "fusion.stop", "fusion.threshold")
-_POSITIVE = ("bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps")
+                 "generate.temperature", "fusion.start", "fusion.stop", "fusion.threshold",
+                 "gkd.warmup_steps", "gkd.weight_decay", "gkd.clip_norm", "gkd.kl_weight", "gkd.lm_weight",
+                 "gkd.hidden_weight", "gkd.top_k", "distill_data.temperature")
+_POSITIVE = ("bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps", "gkd.lr", "gkd.temperature")
 _MESH_AXES = ("candidate", "data")
 
 
@@ -648,9 +722,26 @@ def validate(config) -> list[str]:
                   "cluster environment supplies both)")
   if not 0 < config.generate.top_p <= 1:
     errors.append(f"generate.top_p={config.generate.top_p!r}: must be in (0, 1]")
+  errors += _distill_problems(config)
   if not errors and config.mip.solver not in _solvers():
     errors.append(f"mip.solver={config.mip.solver!r}: not an installed CVXPY MILP solver; installed: "
                   f"{', '.join(_solvers())}")
+  return errors
+
+
+def _distill_problems(config) -> list[str]:
+  g, d, errors = config.gkd, config.distill_data, []
+  if _is_num(g.kl_weight) and _is_num(g.lm_weight) and _is_num(g.hidden_weight) and not (
+      g.kl_weight or g.lm_weight or g.hidden_weight):
+    errors.append("gkd: kl_weight, lm_weight and hidden_weight are all 0; set gkd.kl_weight=1.0")
+  if not (_is_int(g.data_parallel) and (g.data_parallel == -1 or g.data_parallel > 0)):
+    errors.append(f"gkd.data_parallel={g.data_parallel!r}: a positive device count or -1 (all that divide the batch)")
+  elif g.data_parallel > 0 and _is_int(g.batch_size) and g.batch_size % g.data_parallel:
+    errors.append(f"gkd.batch_size={g.batch_size}: not a multiple of gkd.data_parallel={g.data_parallel}")
+  if not (_is_num(d.top_p) and 0 < d.top_p <= 1):
+    errors.append(f"distill_data.top_p={d.top_p!r}: must be in (0, 1]")
+  if not (_is_num(d.chat_fraction) and 0 <= d.chat_fraction <= 1):
+    errors.append(f"distill_data.chat_fraction={d.chat_fraction!r}: must be in [0, 1]")
   return errors
 
 

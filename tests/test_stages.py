@@ -199,7 +199,7 @@ def test_plan(run_dir, tmp_path, capsys):
 
 def test_stage_table_is_the_one_order():
   names = [s.name for s in stages.PIPELINE]
-  assert names == ["import", "bld", "score", "costs", "mip", "realize", "evaluate"]
+  assert names == ["import", "bld", "score", "costs", "mip", "realize", "distill-data", "gkd", "evaluate"]
   for s in stages.PIPELINE:  # inputs come earlier in the order
     assert all(names.index(i) < names.index(s.name) for i in s.inputs), s.name
   readme = (REPO / "README.md").read_text()

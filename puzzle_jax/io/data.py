@@ -162,17 +162,28 @@ def _text(example: dict[str, Any], text_key: str) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _ids(example: dict[str, Any], text_key: str, encode: Callable[[str], list[int]]) -> Sequence[int]:
+  """A pretokenized example (integer array, e.g. the teacher corpus) as is; text encoded."""
+  value = example[text_key]
+  if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer):
+    return value
+  return encode(_text(example, text_key))
+
+
 def token_stream(source: Sequence[Any], encode: Callable[[str], list[int]], *, seed: int,
                  bos_id: int | None, eos_id: int | None, text_key: str = "text",
                  max_tokens: int | None = None) -> np.ndarray:
-  """All documents in a seeded grain shuffle, encoded and concatenated: int32[T]."""
+  """All documents in a seeded grain shuffle, encoded and concatenated: int32[T].
+
+  Examples whose `text_key` holds an integer array are already tokens and are used as they are.
+  """
   docs = grain.MapDataset.source(source).shuffle(seed=seed)
   pieces, total = [], 0
   for i in range(len(docs)):
-    text = _text(docs[i], text_key)
-    if not text:
+    body = _ids(docs[i], text_key, encode)
+    if not len(body):
       continue  # an empty document would only add a bos/eos pair
-    ids = [bos_id] * (bos_id is not None) + list(encode(text)) + [eos_id] * (eos_id is not None)
+    ids = [bos_id] * (bos_id is not None) + list(body) + [eos_id] * (eos_id is not None)
     pieces.append(np.asarray(ids, np.int32))
     total += len(ids)
     if max_tokens is not None and total >= max_tokens:

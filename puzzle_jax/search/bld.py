@@ -16,8 +16,7 @@ import functools
 import json
 import os
 import pathlib
-import time
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +24,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from puzzle_jax import training
 from puzzle_jax.search import candidates as cands
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import Arch, variant_key
 from puzzle_jax.search.candidates import Candidate
+from puzzle_jax.training import ArrayBatches, BatchIterator, make_mesh  # noqa: F401  (re-exported)
 
 Params = dict[str, Any]
 
@@ -46,38 +47,6 @@ class BLDConfig:
   ridge: float = 1e-3
   checkpoint_every: int = 50
   eval_batches: int = 2
-
-
-class BatchIterator(Protocol):
-  """What BLD needs from the data pipeline: token batches plus a checkpointable position."""
-
-  def __next__(self) -> np.ndarray: ...
-  def get_state(self) -> dict: ...
-  def set_state(self, state: dict) -> None: ...
-
-
-class ArrayBatches:
-  """Batches cycling through a fixed [N, L] token array in a seeded order (tests, notebooks)."""
-
-  def __init__(self, tokens_NxL: np.ndarray, batch_size: int, seed: int = 0):
-    self.tokens, self.batch_size, self.seed, self.pos = np.asarray(tokens_NxL), batch_size, seed, 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> np.ndarray:
-    n = len(self.tokens)
-    epoch, start = divmod(self.pos * self.batch_size, n)
-    order = np.random.default_rng([self.seed, epoch]).permutation(n)
-    idx = order[np.arange(start, start + self.batch_size) % n]
-    self.pos += 1
-    return self.tokens[idx]
-
-  def get_state(self) -> dict:
-    return {"pos": self.pos}
-
-  def set_state(self, state: dict) -> None:
-    self.pos = int(state["pos"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +95,7 @@ def nmse(y_hat, y) -> jax.Array:
 
 # ----------------------------------------------------------------------------- the step
 def make_optimizer(cfg: BLDConfig) -> optax.GradientTransformation:
-  warmup = max(1, min(cfg.warmup_steps, cfg.steps - 1))
-  sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
-                                             end_value=0.1 * cfg.lr)
-  return optax.adamw(sched, weight_decay=cfg.weight_decay)
+  return training.adamw_cosine(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay)
 
 
 def candidate_update(params, opt_state, x_BxLxD, y_BxLxD, *, arch, sub, spec, optimizer):
@@ -179,20 +145,6 @@ def eval_step(params_by_group, parent_params, tokens_BxL, *, arch, groups):
 
 
 # ----------------------------------------------------------------------------- sharding
-def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
-  """Mesh from config pairs like (("candidate", -1), ("data", 1)); -1 = remaining devices."""
-  devices = list(devices if devices is not None else jax.devices())
-  sizes = [s for _, s in axes]
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if sizes.count(-1) > 1 or len(devices) % known:
-    raise ValueError(f"mesh {axes} does not fit {len(devices)} devices; use at most one -1 and "
-                     "sizes whose product divides the device count")
-  sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if int(np.prod(sizes)) != len(devices):
-    devices = devices[: int(np.prod(sizes))]
-  return Mesh(np.asarray(devices).reshape(sizes), tuple(n for n, _ in axes))
-
-
 def state_shardings(state, mesh: Mesh):
   """Candidate axis (leading) of every param/opt leaf on "candidate"; scalars replicated."""
   def spec(x):
@@ -251,80 +203,17 @@ def init_state(params_by_group: Mapping[str, Params], optimizer) -> dict[str, An
 
 
 # ----------------------------------------------------------------------------- training loop
-def _ckpt_manager(path: pathlib.Path, keep: int = 2):
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-
-def _save(mngr, step: int, state, data_state: dict) -> None:
-  import orbax.checkpoint as ocp
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          data=ocp.args.JsonSave(data_state)))
-  mngr.wait_until_finished()
-
-
-def _restore(mngr, abstract_state):
-  """(step, state, data state) of the newest intact checkpoint, or None. A step that fails to restore (a crash or a full disk mid-write) is
-  moved aside to `ckpt_corrupt/` (never deleted), said so, and the step before it is tried."""
-  import orbax.checkpoint as ocp
-  root, errors = pathlib.Path(mngr.directory), []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                       data=ocp.args.JsonRestore()))
-      return step, out["state"], out["data"]
-    except Exception as e:  # orbax/tensorstore raise many types for a truncated file
-      errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-      aside = root.parent / "ckpt_corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-      aside.parent.mkdir(parents=True, exist_ok=True)
-      (root / str(step)).rename(aside)
-      mngr.reload()
-      print(f"bld: checkpoint step {step} is unreadable ({errors[-1]}); moved to {aside}, "
-            "resuming from the one before", flush=True)
-  print("bld: no intact checkpoint left; training from step 0 (same result, more time)", flush=True)
-  return None
-
-
-def _step_of(line: str) -> float:
-  """A log line's step; a line cut short by a kill counts as past any resume point (it is dropped)."""
-  try:
-    return json.loads(line)["step"]
-  except (json.JSONDecodeError, KeyError, TypeError):
-    return float("inf")
-
-
-class LossLog:
-  """Per-candidate BLD losses as JSONL (one line per step); truncated to the resumed step."""
-
-  def __init__(self, path: pathlib.Path, groups: Sequence[Group], resume_step: int):
-    self.path, self.groups = path, groups
-    lines = path.read_text().splitlines() if path.exists() else []
-    keep = [l for l in lines if _step_of(l) <= resume_step]
-    path.write_text("".join(l + "\n" for l in keep))
-
-  def write(self, step: int, losses: Mapping[str, np.ndarray]) -> dict[str, float]:
-    row = {c.id: float(losses[g.name][i]) for g in self.groups for i, c in enumerate(g.members)}
-    bad = [k for k, v in row.items() if not np.isfinite(v)]
-    if bad:
-      raise FloatingPointError(f"BLD loss is NaN/Inf at step {step} for {bad[:5]}...; the last "
-                               "checkpoint is intact: lower bld.lr or check the parent's activations")
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, "loss": row}) + "\n")
-    return row
-
-
 def train(arch: Arch, parent_params: Params, library: Sequence[Candidate], cfg: BLDConfig,
           batches: BatchIterator, calib: Sequence[np.ndarray], workdir: pathlib.Path, *,
           mesh: Mesh, key: jax.Array, progress: bool = True) -> tuple[list[Group], dict[str, Params]]:
   """Run (or resume) BLD; returns the groups and their trained stacked params (padding included)."""
-  from tqdm.auto import tqdm
   groups = make_groups(arch, library, pad_to=mesh.shape["candidate"])
   optimizer = make_optimizer(cfg)
   rand_cfg = dataclasses.replace(cfg, init="random")
   abstract = jax.eval_shape(lambda: init_state(init_groups(arch, parent_params, groups, rand_cfg, None, key),
                                                optimizer))
-  mngr = _ckpt_manager(workdir / "ckpt")
-  restored = _restore(mngr, abstract) if mngr.all_steps() else None
+  mngr = training.ckpt_manager(workdir / "ckpt")
+  restored = training.restore(mngr, abstract, what="bld") if mngr.all_steps() else None
   if restored is not None:
     start, state, data_state = restored
     batches.set_state(data_state)
@@ -334,29 +223,20 @@ def train(arch: Arch, parent_params: Params, library: Sequence[Candidate], cfg: 
   state = jax.device_put(state, state_shardings(state, mesh))
   parent_params = jax.device_put(parent_params, NamedSharding(mesh, P()))
   step_fn = compile_step(arch, groups, optimizer, mesh, state)
-  log = LossLog(workdir / "losses.jsonl", groups, start)
-  bar = tqdm(total=cfg.steps, initial=start, desc="BLD", disable=not progress)
-  pending, t0, tokens_seen = None, time.perf_counter(), 0
-  for step in range(start, cfg.steps):
-    tokens = np.asarray(next(batches))
-    state, losses = step_fn(state, parent_params, tokens)
-    if pending is not None:  # read step n-1 while step n runs
-      _report(bar, log, *pending, tokens_seen / (time.perf_counter() - t0))
-    pending, tokens_seen = (step, losses), tokens_seen + tokens.size
-    if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-      _report(bar, log, *pending, tokens_seen / (time.perf_counter() - t0))
-      pending = None
-      _save(mngr, step + 1, state, batches.get_state())
-  bar.close()
+  log = training.LossLog(workdir / "losses.jsonl", start, what="BLD",
+                         hint="lower bld.lr or check the parent's activations")
+
+  def report(step: int, losses) -> dict[str, str]:
+    row = {c.id: float(losses[g.name][i]) for g in groups for i, c in enumerate(g.members)}
+    log.write(step, row)
+    vals = list(row.values()) or [0.0]
+    return {"loss": f"{min(vals):.3g}..{max(vals):.3g}"}
+
+  state = training.loop(lambda s, t: step_fn(s, parent_params, t), state, batches, start=start,
+                        steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, mngr=mngr,
+                        report=report, desc="BLD", progress=progress)
   mngr.close()
   return groups, state["params"]
-
-
-def _report(bar, log: LossLog, step: int, losses, tok_s: float) -> None:
-  row = log.write(step + 1, jax.device_get(losses))
-  vals = list(row.values()) or [0.0]
-  bar.update(1)
-  bar.set_postfix(tok_s=f"{tok_s:,.0f}", loss=f"{min(vals):.3g}..{max(vals):.3g}")
 
 
 def evaluate(arch: Arch, parent_params: Params, groups: Sequence[Group], params_by_group,
@@ -376,10 +256,8 @@ def evaluate(arch: Arch, parent_params: Params, groups: Sequence[Group], params_
 
 def plot_losses(log_path: pathlib.Path, png: pathlib.Path) -> None:
   """Per-candidate BLD loss curves, coloured by variant."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  rows = [json.loads(l) for l in log_path.read_text().splitlines()]
+  plt = training.pyplot()
+  rows = training.read_log(log_path)
   if not rows:
     return
   steps = [r["step"] for r in rows]

@@ -1,0 +1,1 @@
+"""Distillation after the search: global knowledge distillation (GKD) and its data."""
