@@ -112,13 +112,45 @@ def test_multiple_choice_is_a_hand_computed_comparison(smollm2_small, small_lm, 
          "gold": 1}
   ctx = task.doc_to_text(doc)
   got = small_lm.loglikelihood(task.construct_requests(doc, ctx, metadata=("t", 0, 1)), disable_tqdm=True)
-  tok, hand = small_lm.tok, []
+  tok, hand, forward = small_lm.tok, [], jax.jit(model.forward, static_argnums=0)
   for choice in doc["choices"]:
     n_ctx, full = len(tok.encode(ctx)), tok.encode(f"{ctx} {choice}")
-    logp = jax.nn.log_softmax(model.forward(arch, params, jnp.asarray([full[:-1]])), -1)[0]
+    logp = jax.nn.log_softmax(forward(arch, params, jnp.asarray([full[:-1]])), -1)[0]
     hand.append(sum(float(logp[t - 1, full[t]]) for t in range(n_ctx, len(full))))
   np.testing.assert_allclose([ll for ll, _ in got], hand, rtol=1e-5, atol=1e-4)
   metrics = task.process_results(doc, got)
   lens = np.array([len(c) for c in doc["choices"]], float)
   assert metrics["acc"] == float(np.argmax(hand) == doc["gold"])
   assert metrics["acc_norm"] == float(np.argmax(np.array(hand) / lens) == doc["gold"])
+
+
+def test_retention_arithmetic():
+  from puzzle_jax.evals.retention import retention
+  scores = {"parent": {"a": 0.5, "b": 0.0, "c": 0.8}, "child": {"a": 0.25, "b": 0.1, "c": 0.8}}
+  r = retention(scores, "parent")
+  assert r["parent"] == {"a": 1.0, "b": None, "c": 1.0, "average": 1.0}
+  assert r["child"] == {"a": 0.5, "b": None, "c": 1.0, "average": 0.75}
+
+
+def test_retention_table(smollm2_small, small_lm, task_manager, tmp_path):
+  """A copy of the parent keeps 100%; a 3-block child's scores are its own lm-eval scores."""
+  from puzzle_jax import workdir
+  from puzzle_jax.evals import retention as R
+  child = workdir.truncate(*smollm2_small, 3)
+  table = R.retention_table({"parent": smollm2_small, "copy": smollm2_small, "child": child}, small_lm.tok,
+                            ["arc_easy", "piqa"], limit=LIMIT, batch_size=8, progress=False,
+                            manager=task_manager)
+  assert table["tasks"] == ["pj_arc_easy", "pj_piqa"] and table["metric"]["pj_piqa"] == "acc_norm"
+  assert table["scores"]["copy"] == table["scores"]["parent"]
+  alone = R.evaluate_model(lm.PuzzleLM(arch=child[0], params=child[1], tokenizer=small_lm.tok, batch_size=8),
+                           ["pj_arc_easy", "pj_piqa"], LIMIT, task_manager)
+  assert table["metrics"]["child"] == alone
+  for t in table["tasks"]:
+    p, c = table["scores"]["parent"][t], table["scores"]["child"][t]
+    assert table["retention"]["child"][t] == (c / p if p > 0 else None)
+    assert table["retention"]["copy"][t] in (1.0, None)
+  R.plot_retention(table, tmp_path / "retention.png")
+  assert (tmp_path / "retention.png").stat().st_size > 1000
+  assert "child" in R.format_table(table)
+  with pytest.raises(ValueError, match="unknown eval task"):
+    R.task_name("mmlu")
