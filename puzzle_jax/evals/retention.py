@@ -36,7 +36,7 @@ def evaluate_model(lm, tasks: Sequence[str], limit: int | None, manager=None) ->
   import lm_eval
   tasks = [task_name(t) for t in tasks]
   out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager or task_manager(),
-                                bootstrap_iters=0, verbosity="WARNING")
+                                bootstrap_iters=0, verbosity="ERROR")
   return {t: {k.split(",")[0]: float(v) for k, v in out["results"][t].items()
               if "," in k and "stderr" not in k} for t in tasks}
 

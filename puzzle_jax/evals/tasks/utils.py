@@ -15,13 +15,17 @@ from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs
 ENV = "PUZZLE_JAX_EVAL_DIR"
 
 
-def load(task: str, split: str, eval_dir: str | None = None, **_metadata) -> datasets.DatasetDict:
-  """{split: the task's JSONL rows} (fields as their public releases spell them)."""
-  from puzzle_jax.io import data
-  path = pathlib.Path(eval_dir or os.environ.get(ENV) or data.EVAL_DIR) / data.EVAL_FILES[task]
+# The repository's data/eval (puzzle_jax/evals/tasks/ is three folders below the root). Not imported
+# from puzzle_jax.io.data: that module pulls in TFDS and grain, which an eval-only machine may lack.
+REPO_EVAL_DIR = pathlib.Path(__file__).resolve().parents[3] / "data" / "eval"
+
+
+def load(file: str, split: str, eval_dir: str | None = None, **_metadata) -> datasets.DatasetDict:
+  """{split: the rows of `file`} (fields as the tasks' public releases spell them)."""
+  path = pathlib.Path(eval_dir or os.environ.get(ENV) or REPO_EVAL_DIR) / file
   if not path.is_file():
     raise FileNotFoundError(f"{path} missing: point ${ENV} (or --metadata '{{\"eval_dir\": ...}}') at a "
-                            f"directory holding {data.EVAL_FILES[task]} (the repository's data/eval has it)")
+                            f"directory holding {file} (the repository's data/eval has it)")
   with open(path, encoding="utf-8") as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
