@@ -90,6 +90,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.seq_len = 128  # their length.
   c.eval.batch_size = 2  # sequences per forward.
 
+  # Task accuracy through lm-evaluation-harness (puzzle_jax.evals) in the evaluate stage: parent, MIP
+  # child and baselines at the target speedup (and the GKD child when that stage ran) -> retention.
+  c.lm_eval = ml_collections.ConfigDict()
+  c.lm_eval.tasks = ("hellaswag", "arc_easy", "piqa", "lambada")  # of the six in data/eval; () = skip.
+  c.lm_eval.limit = 10  # documents per task (0 = all); CPU default keeps each model near a minute.
+  c.lm_eval.batch_size = 16  # requests per jitted batch.
+  c.lm_eval.max_length = 2048  # context tokens (left-truncated beyond, as lm-eval's hf backend).
+  c.lm_eval.eval_dir = ""  # directory of the task JSONL files; "" = the repository's data/eval.
+
   c.generate = ml_collections.ConfigDict()
   c.generate.checkpoint = "parent"  # "parent", "child" or a checkpoint path.
   c.generate.prompt = "What is the capital of France?"  # user message (chat template applied).
@@ -120,6 +129,8 @@ def _grow(c: ml_collections.ConfigDict) -> None:
   c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 64, 512, 8
   c.costs.batch, c.costs.prompt_len, c.costs.gen_len = 64, 512, 256
   c.library.windows = (128,)
+  c.lm_eval.tasks = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
+  c.lm_eval.limit, c.lm_eval.batch_size = 0, 64
 
 
 def _shrink(c: ml_collections.ConfigDict) -> None:
@@ -133,6 +144,7 @@ def _shrink(c: ml_collections.ConfigDict) -> None:
   c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 2, 32, 2
   c.costs.batch, c.costs.prompt_len, c.costs.gen_len, c.costs.repeats = 2, 16, 8, 2
   c.generate.max_new_tokens = 8
+  c.lm_eval.tasks, c.lm_eval.limit, c.lm_eval.batch_size = ("arc_easy", "piqa"), 2, 8
   c.mip.target_decode_speedup = 1.2
   c.mip.pareto_speedups = (1.1, 1.2, 1.5)
 

@@ -42,7 +42,7 @@ from puzzle_jax.io.tokenizer import Tokenizer, load_tokenizer
 Params = dict[str, Any]
 Request = tuple[Any, list[int], list[int]]  # (cache key, context ids, continuation ids)
 
-MIN_LEN, MIN_CONT = 64, 8  # smallest length buckets (fewer compiles for short prompts)
+MIN_LEN, MIN_CONT = 64, 32  # smallest buckets: most prompts and answers fit, so few compiles
 
 
 def bucket(n: int, lo: int, hi: int) -> int:

@@ -26,9 +26,10 @@ def task_name(name: str) -> str:
   return full
 
 
-def task_manager():
+def task_manager(eval_dir: str | None = None):
+  """lm-eval's TaskManager over the offline configs; `eval_dir` replaces data/eval as their source."""
   from lm_eval.tasks import TaskManager
-  return TaskManager(include_path=str(TASKS_DIR))
+  return TaskManager(include_path=str(TASKS_DIR), metadata={"eval_dir": eval_dir} if eval_dir else None)
 
 
 def evaluate_model(lm, tasks: Sequence[str], limit: int | None, manager=None) -> dict[str, dict[str, float]]:
@@ -53,13 +54,15 @@ def retention(scores: Mapping[str, Mapping[str, float]], parent: str) -> dict[st
 
 def retention_table(models: Mapping[str, tuple[Any, Any]], tokenizer, tasks: Sequence[str] = TASKS,
                     limit: int | None = None, *, parent: str = "parent", batch_size: int = 16,
-                    max_length: int | None = None, progress: bool = True, manager=None) -> dict[str, Any]:
+                    max_length: int | None = None, progress: bool = True, manager=None,
+                    eval_dir: str | None = None) -> dict[str, Any]:
   """Score every model on `tasks` (first `limit` documents each) and the retention against `parent`.
 
   models: {name: (arch, params)}, one of them named `parent`. Returns a JSON-able dict:
   `scores` {model: {task: primary metric}}, `metrics` {model: {task: {metric: value}}},
   `retention` {model: {task: ratio, 'average': ...}}, plus the tasks, metric names and limit.
-  `manager`: an lm-eval TaskManager over `TASKS_DIR` to reuse (building one indexes every task).
+  `manager`: an lm-eval TaskManager over `TASKS_DIR` to reuse (building one indexes every task);
+  `eval_dir`: where the task JSONL files are (default: the repository's data/eval).
   """
   from tqdm.auto import tqdm
 
@@ -67,7 +70,7 @@ def retention_table(models: Mapping[str, tuple[Any, Any]], tokenizer, tasks: Seq
   if parent not in models:
     raise ValueError(f"models has no {parent!r} entry; retention is relative to the parent")
   tasks = [task_name(t) for t in tasks]
-  manager, metrics = manager or task_manager(), {}
+  manager, metrics = manager or task_manager(eval_dir), {}
   for name, (arch, params) in tqdm(models.items(), desc="lm-eval", disable=not progress):
     lm = PuzzleLM(arch=arch, params=params, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     metrics[name] = evaluate_model(lm, tasks, limit, manager)
