@@ -86,7 +86,7 @@ case "${1:-}" in
       --impls xla,pallas,pallas/MATMUL_WARPS=4,pallas/MAX_PROGRAMS=132,pallas/CHUNK_S=32 \
       --out "$OUT/decode_knobs_smollm2.json"
     ;;
-  l)  # issue 23: the six-task lm-eval table, parent (and WORKDIR/child if step c left one): JAX path vs lm-eval hf
+  lm_eval)  # issue 23: the six-task lm-eval table, parent (and WORKDIR/child if step c left one): JAX path vs lm-eval hf
     CHILD=""; [ -f $ROOT/wd/child/arch.json ] && CHILD="--child $ROOT/wd/child"
     run timeout 280 python3 benchmarks/lm_eval_table.py --parent "$GGUF" --tokenizer "$GGUF" $CHILD \
       --batch-size 64 --out "$OUT/lm_eval_table.json"

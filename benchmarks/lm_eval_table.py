@@ -1,7 +1,7 @@
 """The six-task lm-eval table for the parent (and a child), through our JAX path and lm-eval's `hf`.
 
 H200 (wheels from benchmarks/lm_eval_wheels.sh carried in .whl/; GGUF as gpu_suite.sh joins it):
-  bash benchmarks/gpu_suite.sh l            # or, with PYTHONPATH holding the wheels and the repo:
+  bash benchmarks/gpu_suite.sh lm_eval      # or, with PYTHONPATH holding the wheels and the repo:
   timeout 230 python3 benchmarks/lm_eval_table.py --parent GGUF [--child WORKDIR/child] --out t.json
 CPU smoke run (4-block slice of the parent, 4 documents per task, ~2 min):
   python -m benchmarks.lm_eval_table --small
