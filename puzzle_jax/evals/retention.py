@@ -9,6 +9,7 @@ perplexity is kept beside it, not averaged).
 from __future__ import annotations
 
 import math
+import pathlib
 from typing import Any, Mapping, Sequence
 
 from puzzle_jax.evals import TASKS, TASKS_DIR
@@ -111,5 +112,6 @@ def plot_retention(table: Mapping[str, Any], png) -> None:
   ax.set_title(f"task retention ({table['limit'] or 'all'} docs per task)")
   ax.legend(fontsize=8)
   fig.tight_layout()
+  pathlib.Path(png).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(png, dpi=120)
   plt.close(fig)
