@@ -69,6 +69,7 @@ class Work:
   costs_backend: str
   variants: int  # distinct variant keys (what the costs stage times)
   sweep: int  # speed targets the MIP and evaluate solve for
+  lm_eval_requests: int = 0  # lm-eval requests per model in evaluate (documents x choices; 0 = off)
 
 
 def _fwd_s(arch: Arch, p: Probe, tokens: int, seq_len: int) -> float:
@@ -92,8 +93,20 @@ def stage_seconds(arch: Arch, p: Probe, w: Work) -> dict[str, float]:
       "costs": (0.1 if w.costs_backend == "analytic" else 4 * w.variants * p.compile_s / max(n, 1)),
       "mip": _MIP_S_PER_SOLVE * (1 + w.sweep),
       "realize": 1.0 + 2 * weights / _SAVE_BYTES_PER_S,
-      "evaluate": (1 + 3 * w.sweep) * (p.compile_s + _fwd_s(arch, p, e["num_seqs"] * e["seq_len"], e["seq_len"])),
+      "evaluate": ((1 + 3 * w.sweep) * (p.compile_s + _fwd_s(arch, p, e["num_seqs"] * e["seq_len"], e["seq_len"]))
+                   + _lm_eval_s(arch, p, w.lm_eval_requests)),
   }
+
+
+_LM_EVAL_MODELS, _LM_EVAL_BUCKETS, _LM_EVAL_TOKENS = 4, 4, 128  # parent, MIP child, 2 baselines
+
+
+def _lm_eval_s(arch: Arch, p: Probe, requests: int) -> float:
+  """Task scoring: per model, a compile per length bucket and every request padded to ~128 tokens."""
+  if not requests:
+    return 0.0
+  return _LM_EVAL_MODELS * (_LM_EVAL_BUCKETS * p.compile_s
+                            + _fwd_s(arch, p, requests * _LM_EVAL_TOKENS, _LM_EVAL_TOKENS))
 
 
 def stage_peak_bytes(arch: Arch, w: Work) -> dict[str, float]:

@@ -560,12 +560,19 @@ def plan(config) -> list[dict[str, Any]]:
       trained=sum(cands.is_trainable(arch, c) for c in library), groups=len(bld.make_groups(arch, library)),
       bld=config.bld.to_dict(), score=config.score.to_dict(), eval=config.eval.to_dict(),
       costs_backend="table" if config.costs.table else config.costs.backend,
-      variants=len({c.key for c in library}), sweep=len(set(config.mip.pareto_speedups)))
+      variants=len({c.key for c in library}), sweep=len(set(config.mip.pareto_speedups)),
+      lm_eval_requests=_lm_eval_requests(config.lm_eval))
   probe = estimate.probe(arch, config.score.batch_size, config.score.seq_len)
   rows = estimate.plan_rows(status(config), estimate.stage_seconds(arch, probe, work),
                             estimate.stage_peak_bytes(arch, work))
   print(estimate.format_plan(rows, Paths.from_config(config).root))
   return rows
+
+
+def _lm_eval_requests(section) -> int:
+  from puzzle_jax.evals.retention import REQUESTS_PER_DOC, task_name
+  docs = section.limit or 200  # data/eval holds 200 documents per task
+  return sum(REQUESTS_PER_DOC[task_name(t)] * docs for t in section.tasks)
 
 
 # The CLI's commands: the pipeline stages (each runs what it needs before it), then the tools.

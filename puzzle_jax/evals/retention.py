@@ -17,6 +17,9 @@ from puzzle_jax.evals import TASKS, TASKS_DIR
 # task -> the metric its retention is computed on.
 PRIMARY = {"pj_hellaswag": "acc_norm", "pj_arc_easy": "acc_norm", "pj_arc_challenge": "acc_norm",
            "pj_piqa": "acc_norm", "pj_boolq": "acc", "pj_lambada": "acc"}
+# task -> lm-eval requests per document (its choices; ARC has 3-5), for time estimates.
+REQUESTS_PER_DOC = {"pj_hellaswag": 4, "pj_arc_easy": 4, "pj_arc_challenge": 4, "pj_piqa": 2, "pj_boolq": 2,
+                    "pj_lambada": 1}
 
 
 def task_name(name: str) -> str:
