@@ -9,8 +9,8 @@ CPU smoke run (4-block slice of the parent, 4 documents per task, ~2 min):
 Correctness first: on the first `--check` documents of every task, each request's log-likelihood
 from `puzzle_jax` equals the `hf` backend's on the exported float32 model (JAX at "highest" matmul
 precision, torch without TF32) and the greedy flags agree; the script stops if not. Then each
-model runs the full table on both backends, timed (wall time of `simple_evaluate`, compiles
-included), and the table prints per task: score through JAX, through hf, their difference in points
+model runs the full table, timed (wall time of `simple_evaluate`, compiles included): the parent
+on both backends, a child through JAX (and hf with `--child-hf`), and the table prints per task: score through JAX, through hf, their difference in points
 (the acceptance bound is 0.5; for perplexity in %), and the child's retention vs the parent.
 """
 
@@ -25,6 +25,7 @@ if __name__ == "__main__":
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 import tempfile
@@ -93,7 +94,9 @@ def table(results: dict, tasks, parent: str) -> str:
         row += f"{results[names[1]]['jax'][t][m] / p:>11.1%}" if p > 0 else f"{'-':>11}"
       rows.append(row)
   for n in names:
-    rows.append(f"{n}: jax {results[n]['jax_s']:.1f}s, hf {results[n]['hf_s']:.1f}s wall (compiles included)")
+    hf_s = results[n]["hf_s"]
+    hf = "not run" if math.isnan(hf_s) else f"{hf_s:.1f}s"
+    rows.append(f"{n}: jax {results[n]['jax_s']:.1f}s, hf {hf} wall (compiles included)")
   return "\n".join(rows)
 
 
@@ -106,11 +109,14 @@ def main(argv=None) -> dict:
   p.add_argument("--limit", type=int, default=None, help="documents per task (default: all in data/eval)")
   p.add_argument("--check", type=int, default=8, help="documents per task in the per-request check")
   p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--child-hf", action="store_true",
+                 help="also run the child's full table through hf (default: only its per-request check)")
   p.add_argument("--small", action="store_true", help="CPU smoke: 4-block slice, 4 docs per task")
   p.add_argument("--out", default=None, help="JSON path (default $OUT/lm_eval_table.json if $OUT)")
   args = p.parse_args(argv)
   jax.config.update("jax_default_matmul_precision", "highest")
-  from puzzle_jax import io, workdir
+  from puzzle_jax import io
+  from puzzle_jax.core import model
   from puzzle_jax.io.tokenizer import load_tokenizer
   parent_path = args.parent or str(io.smollm2_gguf_path())
   tok = load_tokenizer(args.tokenizer or L.find_tokenizer(parent_path))
@@ -119,7 +125,7 @@ def main(argv=None) -> dict:
     models["child"] = L.load_model(args.child)
   limit, check_docs, bs = args.limit, args.check, args.batch_size
   if args.small:
-    models = {k: workdir.truncate(*v, 4) for k, v in models.items()}
+    models = {k: model.truncate(*v, 4) for k, v in models.items()}
     limit, check_docs, bs = 4, 2, 8
   tasks = [R.task_name(t) for t in args.tasks.split(",")]
   manager = R.task_manager()
@@ -130,10 +136,11 @@ def main(argv=None) -> dict:
     ref = hf_backend(arch, params, tok, tmp / name, bs)
     worst = check(ours, ref, tasks, check_docs, manager)
     print(f"{name}: per-request check passed on {check_docs} docs/task (max |Δ loglik| {worst:.2e})", flush=True)
-    (rj, tj), (rh, th) = run(ours, tasks, limit, manager), run(ref, tasks, limit, manager)
-    metric = lambda r: {t: {k.split(",")[0]: float(v) for k, v in r["results"][t].items()  # noqa: E731
-                            if "," in k and "stderr" not in k} for t in tasks}
-    results[name] = {"jax": metric(rj), "hf": metric(rh), "jax_s": tj, "hf_s": th, "check_max_abs": worst}
+    rj, tj = run(ours, tasks, limit, manager)
+    rh, th = run(ref, tasks, limit, manager) if name == "parent" or args.child_hf else (None, math.nan)
+    js = R.metrics_of(rj, tasks)
+    hs = R.metrics_of(rh, tasks) if rh else {t: {m: math.nan for m in js[t]} for t in tasks}
+    results[name] = {"jax": js, "hf": hs, "jax_s": tj, "hf_s": th, "check_max_abs": worst}
   print(table(results, tasks, "parent"))
   out = args.out or (os.path.join(os.environ["OUT"], "lm_eval_table.json") if os.environ.get("OUT") else None)
   report = {"tasks": tasks, "limit": limit, "batch_size": bs, "device": str(jax.devices()[0]),

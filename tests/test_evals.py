@@ -135,9 +135,9 @@ def test_retention_arithmetic():
 def test_retention_table(smollm2_small, small_lm, task_manager, tmp_path):
   """A copy of the parent keeps 100%; the child's retention is its score over the parent's (that the
   scores are each model's own lm-eval run is checked on the pipeline's child in test_pipeline)."""
-  from puzzle_jax import workdir
+  from puzzle_jax.core import model
   from puzzle_jax.evals import retention as R
-  child = workdir.truncate(*smollm2_small, 3)
+  child = model.truncate(*smollm2_small, 3)
   table = R.retention_table({"parent": smollm2_small, "copy": smollm2_small, "child": child}, small_lm.tok,
                             ["arc_easy", "piqa"], limit=LIMIT, batch_size=8, progress=False,
                             manager=task_manager)

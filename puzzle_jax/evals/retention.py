@@ -42,6 +42,11 @@ def evaluate_model(lm, tasks: Sequence[str], limit: int | None, manager=None) ->
   tasks = [task_name(t) for t in tasks]
   out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager or task_manager(),
                                 bootstrap_iters=0, verbosity="ERROR")
+  return metrics_of(out, tasks)
+
+
+def metrics_of(out: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+  """{task: {metric: value}} from `simple_evaluate`'s output ('acc,none' -> 'acc'; no stderr)."""
   return {t: {k.split(",")[0]: float(v) for k, v in out["results"][t].items()
               if "," in k and "stderr" not in k} for t in tasks}
 
