@@ -88,7 +88,7 @@ case "${1:-}" in
     ;;
   lm_eval)  # issue 23: the six-task lm-eval table, parent (and WORKDIR/child if step c left one): JAX path vs lm-eval hf
     CHILD=""; [ -f $ROOT/wd/child/arch.json ] && CHILD="--child $ROOT/wd/child"
-    run timeout 280 python3 benchmarks/lm_eval_table.py --parent "$GGUF" --tokenizer "$GGUF" $CHILD \
+    run timeout 400 python3 benchmarks/lm_eval_table.py --parent "$GGUF" --tokenizer "$GGUF" $CHILD \
       --batch-size 64 --out "$OUT/lm_eval_table.json"
     ;;
   k)  # issue 5: 8B-shaped parent vs the MIP's child from H100 torch costs (random weights); SmolLM2 1.5x child

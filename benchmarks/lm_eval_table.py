@@ -2,7 +2,7 @@
 
 H200 (wheels from benchmarks/lm_eval_wheels.sh carried in .whl/; GGUF as gpu_suite.sh joins it):
   bash benchmarks/gpu_suite.sh lm_eval      # or, with PYTHONPATH holding the wheels and the repo:
-  timeout 230 python3 benchmarks/lm_eval_table.py --parent GGUF [--child WORKDIR/child] --out t.json
+  timeout 400 python3 benchmarks/lm_eval_table.py --parent GGUF [--child WORKDIR/child] --out t.json
 CPU smoke run (4-block slice of the parent, 4 documents per task, ~2 min):
   python -m benchmarks.lm_eval_table --small
 
@@ -10,8 +10,9 @@ Correctness first: on the first `--check` documents of every task, each request'
 from `puzzle_jax` equals the `hf` backend's on the exported float32 model (JAX at "highest" matmul
 precision, torch without TF32) and the greedy flags agree; the script stops if not. Then each
 model runs the full table, timed (wall time of `simple_evaluate`, compiles included): the parent
-on both backends, a child through JAX (and hf with `--child-hf`), and the table prints per task: score through JAX, through hf, their difference in points
-(the acceptance bound is 0.5; for perplexity in %), and the child's retention vs the parent.
+on both backends, a child through JAX (and hf with `--child-hf`). The table prints per task the
+score through JAX, through hf, their difference in points (the acceptance bound is 0.5; for
+perplexity in %), and the child's retention vs the parent.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main(argv=None) -> dict:
   p.add_argument("--limit", type=int, default=None, help="documents per task (default: all in data/eval)")
   p.add_argument("--check", type=int, default=8, help="documents per task in the per-request check")
   p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--min-length", type=int, default=256, help="smallest padded length (fewer compiles)")
   p.add_argument("--child-hf", action="store_true",
                  help="also run the child's full table through hf (default: only its per-request check)")
   p.add_argument("--small", action="store_true", help="CPU smoke: 4-block slice, 4 docs per task")
@@ -126,13 +128,13 @@ def main(argv=None) -> dict:
   limit, check_docs, bs = args.limit, args.check, args.batch_size
   if args.small:
     models = {k: model.truncate(*v, 4) for k, v in models.items()}
-    limit, check_docs, bs = 4, 2, 8
+    limit, check_docs, bs, args.min_length = 4, 2, 8, 64
   tasks = [R.task_name(t) for t in args.tasks.split(",")]
   manager = R.task_manager()
   results, tmp = {}, pathlib.Path(tempfile.mkdtemp(prefix="lm_eval_table_"))
   print(f"devices: jax {jax.devices()}; tasks {tasks}; limit {limit}; batch {bs}", flush=True)
   for name, (arch, params) in models.items():
-    ours = L.PuzzleLM(arch=arch, params=params, tokenizer=tok, batch_size=bs)
+    ours = L.PuzzleLM(arch=arch, params=params, tokenizer=tok, batch_size=bs, min_length=args.min_length)
     ref = hf_backend(arch, params, tok, tmp / name, bs)
     worst = check(ours, ref, tasks, check_docs, manager)
     print(f"{name}: per-request check passed on {check_docs} docs/task (max |Δ loglik| {worst:.2e})", flush=True)

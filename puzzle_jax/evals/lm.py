@@ -69,7 +69,8 @@ def _score(arch: Arch, params: Params, tokens_BxL, start_B, targets_BxC, mask_Bx
   return jnp.sum(jnp.where(mask_BxC, tok_BxC, 0.0), -1), jnp.all(greedy_BxC | ~mask_BxC, -1)
 
 
-def pack(chunk: Sequence[Request], max_length: int, batch_size: int) -> dict[str, np.ndarray]:
+def pack(chunk: Sequence[Request], max_length: int, batch_size: int,
+         min_length: int = MIN_LEN) -> dict[str, np.ndarray]:
   """HFLM's input layout for one batch: inp = (ctx + cont)[-(max_length + 1):][:-1], right-padded."""
   inps = [(c + k)[-(max_length + 1):][:-1] for _, c, k in chunk]
   conts = [k for _, _, k in chunk]
@@ -77,7 +78,7 @@ def pack(chunk: Sequence[Request], max_length: int, batch_size: int) -> dict[str
     raise ValueError("every request needs a non-empty context and continuation")
   if any(len(k) > max_length for k in conts):
     raise ValueError(f"a continuation is longer than max_length={max_length}; raise max_length")
-  L = bucket(max(map(len, inps)), MIN_LEN, max_length)
+  L = bucket(max(map(len, inps)), min_length, max_length)
   C = bucket(max(map(len, conts)), MIN_CONT, L)
   out = {"tokens": np.zeros((batch_size, L), np.int32), "start": np.zeros((batch_size,), np.int32),
          "targets": np.zeros((batch_size, C), np.int32), "mask": np.zeros((batch_size, C), bool)}
@@ -117,16 +118,16 @@ def find_tokenizer(checkpoint: str | pathlib.Path) -> pathlib.Path:
 class PuzzleLM(TemplateLM):
   """lm-eval's view of an (arch, params) pair.
 
-  From the shell: `--model_args checkpoint=PATH[,tokenizer=PATH,batch_size=16,max_length=2048,
-  dtype=float32,prefix_token_id=N,add_bos_token=False]`. From Python: `PuzzleLM(arch=..., params=...,
-  tokenizer=Tokenizer)`.
+  From the shell: `--model_args checkpoint=PATH[,tokenizer=PATH,max_length=2048,dtype=float32,
+  min_length=64,prefix_token_id=N,add_bos_token=False]` (batch size: lm-eval's `--batch_size`).
+  From Python: `PuzzleLM(arch=..., params=..., tokenizer=Tokenizer)`.
   """
 
   def __init__(self, checkpoint: str | None = None, tokenizer: str | Tokenizer | None = None, *,
                arch: Arch | None = None, params: Params | None = None, batch_size: int | str = 16,
                max_length: int | None = None, max_gen_toks: int = 256, dtype: str = "float32",
                prefix_token_id: int | None = None, add_bos_token: bool | None = None,
-               seed: int = 0, **unused):
+               min_length: int = MIN_LEN, seed: int = 0, **unused):
     super().__init__()
     if (checkpoint is None) == (arch is None):
       raise ValueError("give either checkpoint=PATH or arch= and params= (not both)")
@@ -141,6 +142,7 @@ class PuzzleLM(TemplateLM):
     self.batch = int(batch_size) if str(batch_size).isdigit() else 16
     self._max_length = int(max_length or arch.max_position)
     self._max_gen_toks = int(max_gen_toks)
+    self.min_length = int(min_length)  # smallest padded length: larger = fewer compiles, more padding
     self._prefix = prefix_token_id
     self.add_bos_token = add_bos_token
     self._key = jax.random.PRNGKey(seed)
@@ -183,7 +185,7 @@ class PuzzleLM(TemplateLM):
     chunks = [order[i:i + self.batch] for i in range(0, len(order), self.batch)]
     for idx in tqdm(chunks, desc="puzzle_jax loglikelihood", disable=disable_tqdm):
       chunk = [requests[i] for i in idx]
-      b = pack(chunk, self.max_length, self.batch)
+      b = pack(chunk, self.max_length, self.batch, self.min_length)
       ll, greedy = _score(self.arch, self.params, b["tokens"], b["start"], b["targets"], b["mask"])
       for j, i in enumerate(idx):
         out[i] = (float(ll[j]), bool(greedy[j]))
@@ -234,7 +236,7 @@ class PuzzleLM(TemplateLM):
     if new >= self.max_length:
       raise ValueError(f"max_gen_toks={new} must be below max_length={self.max_length}")
     enc = [self.tok_encode(c)[-(self.max_length - new):] for c in contexts]
-    L = bucket(max(map(len, enc)), MIN_LEN, self.max_length - new)
+    L = bucket(max(map(len, enc)), self.min_length, self.max_length - new)
     tokens = np.zeros((self.batch, L), np.int32)
     mask = np.zeros((self.batch, L), bool)
     for b, ids in enumerate(enc):  # left padding, as HFLM's tok_batch_encode
