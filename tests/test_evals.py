@@ -152,3 +152,12 @@ def test_retention_table(smollm2_small, small_lm, task_manager, tmp_path):
   assert "child" in R.format_table(table)
   with pytest.raises(ValueError, match="unknown eval task"):
     R.task_name("mmlu")
+
+
+def test_bad_model_args_are_named(tmp_path):
+  with pytest.raises(TypeError, match=r"unknown argument\(s\) \['chekpoint'\]"):
+    lm.PuzzleLM(checkpoint=str(tmp_path), chekpoint="x")
+  with pytest.raises(FileNotFoundError, match="does not exist; pass a project checkpoint"):
+    lm.PuzzleLM(checkpoint=str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match="no tokenizer found .* pass tokenizer="):
+    lm.find_tokenizer(tmp_path)

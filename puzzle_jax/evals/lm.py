@@ -42,6 +42,8 @@ from puzzle_jax.io.tokenizer import Tokenizer, load_tokenizer
 Params = dict[str, Any]
 Request = tuple[Any, list[int], list[int]]  # (cache key, context ids, continuation ids)
 
+# What lm-eval's CLI passes every model besides --model_args; JAX places arrays itself.
+LM_EVAL_EXTRAS = {"max_batch_size", "device"}
 MIN_LEN, MIN_CONT = 64, 32  # smallest buckets: most prompts and answers fit, so few compiles
 
 
@@ -129,6 +131,9 @@ class PuzzleLM(TemplateLM):
                prefix_token_id: int | None = None, add_bos_token: bool | None = None,
                min_length: int = MIN_LEN, seed: int = 0, **unused):
     super().__init__()
+    unknown = set(unused) - LM_EVAL_EXTRAS
+    if unknown:
+      raise TypeError(f"puzzle_jax model: unknown argument(s) {sorted(unknown)}; see PuzzleLM's docstring")
     if (checkpoint is None) == (arch is None):
       raise ValueError("give either checkpoint=PATH or arch= and params= (not both)")
     if arch is None:
