@@ -207,6 +207,14 @@ def init_params(key: jax.Array, arch: Arch, dtype=jnp.float32) -> Params:
   return params
 
 
+def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+  """{HF tensor name: shape} for every tensor `arch` owns (what `init_params` makes), without
+  allocating any: what checkpoints are checked against on import and on export."""
+  from puzzle_jax.core import names
+  abstract = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), arch))
+  return names.shapes(abstract)
+
+
 def truncate(arch: Arch, params: Params, max_layers: int) -> tuple[Arch, Params]:
   """Keep the first `max_layers` blocks (0 = all): fast experiments on a real parent."""
   if not max_layers or max_layers >= arch.num_layers:

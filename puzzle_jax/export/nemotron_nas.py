@@ -28,9 +28,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from puzzle_jax import artifacts
 from puzzle_jax.export import hf_export
-from puzzle_jax.core import model
+from puzzle_jax.core.model import expected_shapes  # (re-exported)
 from puzzle_jax.core import names
 from puzzle_jax.core.arch import Arch, ArchError
 from puzzle_jax.core.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
@@ -65,12 +64,6 @@ def check_exportable(arch: Arch) -> None:
                       "exported: the shipped DeciLM modeling code does not implement them.")
     if b.attn.bias:
       raise ArchError(f"layer {i}: q/k/v/o biases cannot be exported: nemotron-nas attention has none.")
-
-
-def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
-  """{HF tensor name: shape} for every tensor `arch` owns (no allocation)."""
-  abstract = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch))
-  return names.shapes(abstract)
 
 
 def check_params(arch: Arch, params: Params) -> dict[str, Any]:
@@ -174,11 +167,9 @@ def export(arch: Arch, params: Params, out_dir: str | pathlib.Path, *, tokenizer
   flat = check_params(arch, params)
 
   def weights(tmp: pathlib.Path) -> None:
-    files = write_weights(tmp, flat, dtype, max_shard_bytes)
+    write_weights(tmp, flat, dtype, max_shard_bytes)
     if tokenizer is not None:
       tokenizer.save(tmp)
-    artifacts.write_json(tmp / artifacts.MARKER, {"created_by": "puzzle_jax export", "dtype": dtype,
-                                                  "weights": files})
   return _write_export(arch, out, dtype, weights)
 
 
@@ -188,7 +179,7 @@ def export_config(arch: Arch, out_dir: str | pathlib.Path, *, dtype: str = "bflo
   no safetensors.
 
   Enough for speed runs, which build random weights from the config
-  (`puzzle_jax.harness.load_model(..., random_weights=True)`, with this package's copy of the
+  (`puzzle_jax.serving.load.load_model(..., random_weights=True)`, with this package's copy of the
   modeling code, so committed descriptions need no `code`)."""
   return _write_export(arch, _target(arch, out_dir, dtype), dtype, lambda tmp: None, code)
 
@@ -206,14 +197,19 @@ def _target(arch: Arch, out_dir: str | pathlib.Path, dtype: str) -> pathlib.Path
 
 
 def _earlier_export(out: pathlib.Path) -> bool:
-  """A directory this module wrote: its marker, or (weightless `export_config` output) nothing but
-  the config files and our remote code, byte for byte."""
-  if (out / artifacts.MARKER).is_file():
-    return True
+  """A directory this module wrote: our remote code byte for byte beside a config.json that maps to it,
+  or (weightless `export_config` output) nothing but the config files and that code."""
   names = {p.name for p in out.iterdir()}
-  if not names <= {CONFIG_FILE, GENERATION_CONFIG_FILE, *hf_export.FILES} or CONFIG_FILE not in names:
+  if CONFIG_FILE not in names:
     return False
-  return all((out / f).read_bytes() == (hf_export.DIR / f).read_bytes() for f in names & set(hf_export.FILES))
+  ours = lambda f: (out / f).read_bytes() == (hf_export.DIR / f).read_bytes()
+  if names <= {CONFIG_FILE, GENERATION_CONFIG_FILE, *hf_export.FILES}:
+    return all(ours(f) for f in names & set(hf_export.FILES))
+  try:
+    auto_map = json.loads((out / CONFIG_FILE).read_text()).get("auto_map")
+  except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    return False
+  return auto_map == AUTO_MAP and all(f in names and ours(f) for f in hf_export.FILES)
 
 
 def _write_export(arch: Arch, out: pathlib.Path, dtype: str, fill: Callable[[pathlib.Path], None],
