@@ -77,6 +77,11 @@ case "${1:-}" in
     run timeout 300 python3 -m puzzle_jax.serving measure --parent $ROOT/rp --child $ROOT/rc --requests 16 \
       --out "$OUT/h100_measure_torchcost.json"
     ;;
+  lm_eval)  # issue 23: the six-task lm-eval table, parent (and WORKDIR/child if step c left one): JAX path vs lm-eval hf
+    CHILD=""; [ -f $ROOT/wd/child/arch.json ] && CHILD="--child $ROOT/wd/child"
+    run timeout 400 python3 benchmarks/lm_eval_table.py --parent "$GGUF" --tokenizer "$GGUF" $CHILD \
+      --batch-size 64 --out "$OUT/lm_eval_table.json"
+    ;;
   k)  # 8B-shaped parent vs the MIP's child from H100 torch costs (random weights); SmolLM2 1.5x child
     KEYS=$(python3 benchmarks/puzzle8b.py keys --parent benchmarks/data/llama8b_parent)
     run timeout 200 python3 -m puzzle_jax.serving costs --arch-from benchmarks/data/llama8b_parent --keys "$KEYS" \

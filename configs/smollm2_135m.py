@@ -123,6 +123,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.distill_data.chat_fraction = 0.5  # share of prompts wrapped as a user turn in the chat template.
   c.distill_data.dtype = "float32"  # the teacher's compute dtype while generating.
 
+  # Task accuracy through lm-evaluation-harness (puzzle_jax.evals) in the evaluate stage: parent, MIP
+  # child and baselines at the target speedup (and the GKD child when that stage ran) -> retention.
+  c.lm_eval = ml_collections.ConfigDict()
+  c.lm_eval.tasks = ("arc_easy", "piqa")  # of the six in data/eval; () = skip. CPU: short prompts.
+  c.lm_eval.limit = 5  # documents per task (0 = all); CPU: ~1.5 min per model, a smoke test, not a score.
+  c.lm_eval.batch_size = 16  # requests per jitted batch.
+  c.lm_eval.max_length = 2048  # context tokens (left-truncated beyond, as lm-eval's hf backend).
+  c.lm_eval.eval_dir = ""  # directory of the task JSONL files; "" = the repository's data/eval.
+
   c.generate = ml_collections.ConfigDict()
   c.generate.checkpoint = "parent"  # "parent", "child" or a checkpoint path.
   c.generate.prompt = "What is the capital of France?"  # user message (chat template applied).
@@ -171,6 +180,8 @@ def _grow(c: ml_collections.ConfigDict) -> None:
   c.distill_data.prompt_len, c.distill_data.max_new_tokens, c.distill_data.dtype = 64, 256, "bfloat16"
   c.library.windows = (128,)
   c.fusion.num_seqs, c.fusion.seq_len, c.fusion.batch_size = 32, 512, 8
+  c.lm_eval.tasks = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
+  c.lm_eval.limit, c.lm_eval.batch_size = 0, 64
 
 
 def _shrink(c: ml_collections.ConfigDict) -> None:
@@ -188,6 +199,7 @@ def _shrink(c: ml_collections.ConfigDict) -> None:
   c.gkd.steps, c.gkd.batch_size, c.gkd.seq_len, c.gkd.checkpoint_every = 2, 2, 32, 2
   c.distill_data.num_tokens, c.distill_data.batch_size = 32, 4
   c.distill_data.prompt_len, c.distill_data.max_new_tokens = 16, 8
+  c.lm_eval.tasks, c.lm_eval.limit, c.lm_eval.batch_size = ("arc_easy", "piqa"), 2, 8
   c.mip.target_decode_speedup = 1.2
   c.mip.pareto_speedups = (1.1, 1.2, 1.5)
 

@@ -72,6 +72,7 @@ class Work:
   gkd: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"steps": 0, "batch_size": 1, "seq_len": 1})
   distill_data: Mapping[str, Any] = dataclasses.field(  # num_tokens, batch_size, prompt_len, max_new_tokens
       default_factory=lambda: {"num_tokens": 0, "batch_size": 1, "prompt_len": 1, "max_new_tokens": 1})
+  lm_eval_requests: int = 0  # lm-eval requests per model in evaluate (documents x choices; 0 = off)
 
 
 def _fwd_s(arch: Arch, p: Probe, tokens: int, seq_len: int) -> float:
@@ -99,7 +100,8 @@ def stage_seconds(arch: Arch, p: Probe, w: Work) -> dict[str, float]:
       # GKD: teacher forward + student forward and backward (~4 forwards) per step, three compiles.
       "gkd": 3 * p.compile_s + w.gkd["steps"] * 4 * _fwd_s(arch, p, w.gkd["batch_size"] * w.gkd["seq_len"],
                                                            w.gkd["seq_len"]),
-      "evaluate": (1 + 3 * w.sweep) * (p.compile_s + _fwd_s(arch, p, e["num_seqs"] * e["seq_len"], e["seq_len"])),
+      "evaluate": ((1 + 3 * w.sweep) * (p.compile_s + _fwd_s(arch, p, e["num_seqs"] * e["seq_len"], e["seq_len"]))
+                   + _lm_eval_s(arch, p, w.lm_eval_requests)),
   }
 
 
@@ -109,6 +111,17 @@ def _distill_data_s(arch: Arch, p: Probe, d: Mapping[str, Any]) -> float:
   step = _fwd_s(arch, p, d["batch_size"], 1)
   return 2 * p.compile_s + shards * (d["max_new_tokens"] * step + _fwd_s(arch, p, d["batch_size"] * d["prompt_len"],
                                                                         d["prompt_len"]))
+
+
+_LM_EVAL_MODELS, _LM_EVAL_BUCKETS, _LM_EVAL_TOKENS = 5, 4, 128  # parent, MIP child, GKD child, 2 baselines
+
+
+def _lm_eval_s(arch: Arch, p: Probe, requests: int) -> float:
+  """Task scoring: per model, a compile per length bucket and every request padded to ~128 tokens."""
+  if not requests:
+    return 0.0
+  return _LM_EVAL_MODELS * (_LM_EVAL_BUCKETS * p.compile_s
+                            + _fwd_s(arch, p, requests * _LM_EVAL_TOKENS, _LM_EVAL_TOKENS))
 
 
 def stage_peak_bytes(arch: Arch, w: Work) -> dict[str, float]:

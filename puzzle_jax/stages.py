@@ -28,6 +28,7 @@ import numpy as np
 
 from puzzle_jax import artifacts
 from puzzle_jax.artifacts import ArtifactError
+from puzzle_jax.evals import TASKS as EVAL_TASK_CONFIGS
 
 VERSION = "0.1.0"
 
@@ -324,21 +325,44 @@ def _gkd(config, paths: Paths) -> None:
   print(gkd.summary(before, after))
 
 
-@_stage("evaluate", "perplexity, KL, top-1: parent vs MIP child vs same-cost baselines over the sweep",
-        reads=("eval", "mip", "score.metric", "export.engine") + _DATA,
-        inputs=("import", "bld", "score", "costs", "mip"),
-        dirs=("report",), artifact=lambda p: p.report, ignore=_DATA_IGNORE + ("eval.batch_size",))
+@_stage("evaluate", "perplexity, KL, top-1 over the sweep, and lm-eval task retention at the target: "
+        "parent vs MIP child (before and after GKD) vs same-cost baselines",
+        reads=("eval", "mip", "score.metric", "export.engine", "lm_eval") + _DATA,
+        inputs=("import", "bld", "score", "costs", "mip", "gkd"), dirs=("report",), artifact=lambda p: p.report,
+        ignore=_DATA_IGNORE + ("eval.batch_size", "lm_eval.batch_size", "lm_eval.eval_dir"))
 def _evaluate(config, paths: Paths) -> None:
   from puzzle_jax.search import evaluate, library as library_lib
   parent_arch, parent_params = load_parent(paths)
+  library = library_lib.load_library(paths.library)
   tokens = heldout_tokens(config, paths, load_tok(paths), config.eval.num_seqs, config.eval.seq_len)
-  report = evaluate.evaluate_search(parent_arch, parent_params, library_lib.load_library(paths.library),
-                                    problem(config, paths), tokens, config.eval.batch_size,
-                                    config.mip.target_decode_speedup, config.mip.pareto_speedups)
+  report = evaluate.evaluate_search(parent_arch, parent_params, library, problem(config, paths), tokens,
+                                    config.eval.batch_size, config.mip.target_decode_speedup,
+                                    config.mip.pareto_speedups)
+  if config.lm_eval.tasks:
+    models = {"parent": (parent_arch, parent_params),
+              **evaluate.realized_at(library, parent_params, report["at_target"]), **_trained_children(paths)}
+    report["tasks"] = _task_retention(config.lm_eval, models, load_tok(paths), paths.report.parent)
   report["fingerprints"] = {s: _read_record(paths, s).get("fingerprint") for s in _upstream("evaluate")}
   artifacts.write_json(paths.report, report)
   evaluate.plot_sweep(report, paths.report.with_name("pareto_kl.png"))
   evaluate.print_report(report)
+
+
+def _trained_children(paths: Paths) -> dict[str, tuple[Any, Any]]:
+  """The GKD-trained child (the `gkd` stage runs before `evaluate`, so it is there)."""
+  from puzzle_jax import io
+  return {"gkd": io.load_checkpoint(paths.gkd_child)} if (paths.gkd_child / "arch.json").exists() else {}
+
+
+def _task_retention(section, models: dict, tok, out_dir: pathlib.Path) -> dict[str, Any]:
+  """lm-eval scores of every model on the offline tasks, retention vs the parent, a PNG beside."""
+  from puzzle_jax.evals import retention
+  table = retention.retention_table(models, tok, section.tasks, section.limit or None,
+                                    batch_size=section.batch_size, max_length=section.max_length,
+                                    eval_dir=section.eval_dir or None)
+  retention.plot_retention(table, out_dir / "retention.png")
+  print(retention.format_table(table))
+  return table
 
 
 PIPELINE: tuple[Stage, ...] = tuple(_TABLE.values())  # the order of the decorators above
@@ -634,12 +658,19 @@ def plan(config) -> list[dict[str, Any]]:
       bld=config.bld.to_dict(), score=config.score.to_dict(), eval=config.eval.to_dict(),
       costs_backend="table" if config.costs.table else config.costs.backend,
       variants=len({c.key for c in library}), sweep=len(set(config.mip.pareto_speedups)),
-      gkd=config.gkd.to_dict(), distill_data=config.distill_data.to_dict())
+      gkd=config.gkd.to_dict(), distill_data=config.distill_data.to_dict(),
+      lm_eval_requests=_lm_eval_requests(config.lm_eval))
   probe = estimate.probe(arch, config.score.batch_size, config.score.seq_len)
   rows = estimate.plan_rows(status(config), estimate.stage_seconds(arch, probe, work),
                             estimate.stage_peak_bytes(arch, work))
   print(estimate.format_plan(rows, Paths.from_config(config).root))
   return rows
+
+
+def _lm_eval_requests(section) -> int:
+  from puzzle_jax.evals.retention import REQUESTS_PER_DOC, task_name
+  docs = section.limit or 200  # data/eval holds 200 documents per task
+  return sum(REQUESTS_PER_DOC[task_name(t)] * docs for t in section.tasks)
 
 
 # The CLI's commands: the pipeline stages (each runs what it needs before it), then the tools.
@@ -682,6 +713,7 @@ _NON_NEGATIVE = ("bld.warmup_steps", "bld.weight_decay", "bld.ridge", "parent.ma
                  "gkd.hidden_weight", "gkd.top_k", "distill_data.temperature")
 _POSITIVE = ("bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps", "gkd.lr", "gkd.temperature")
 _MESH_AXES = ("candidate", "data")
+_EVAL_TASKS = tuple(t.removeprefix("pj_") for t in EVAL_TASK_CONFIGS)
 
 
 def _is_int(v) -> bool:
@@ -720,6 +752,8 @@ def validate(config) -> list[str]:
   if d.enabled and bool(d.coordinator_address) != (d.num_processes > 0):
     errors.append("distributed: give coordinator_address and num_processes together (or neither: the "
                   "cluster environment supplies both)")
+  if not _is_int(config.lm_eval.limit) or config.lm_eval.limit < 0:
+    errors.append(f"lm_eval.limit={config.lm_eval.limit!r}: must be a non-negative integer (0 = every document)")
   if not 0 < config.generate.top_p <= 1:
     errors.append(f"generate.top_p={config.generate.top_p!r}: must be in (0, 1]")
   errors += _distill_problems(config)
@@ -750,7 +784,8 @@ def _list_problems(config) -> list[str]:
   for key, ok, what in (("library.ffn_fractions", lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
                         ("library.kv_heads", lambda v: _is_int(v) and v > 0, "positive integers"),
                         ("library.windows", lambda v: _is_int(v) and v > 0, "positive integers"),
-                        ("mip.pareto_speedups", lambda v: _is_num(v) and v > 0, "positive numbers")):
+                        ("mip.pareto_speedups", lambda v: _is_num(v) and v > 0, "positive numbers"),
+                        ("lm_eval.tasks", lambda v: v in _EVAL_TASKS, "among " + ", ".join(_EVAL_TASKS))):
     bad = [v for v in _section(config, key) if not ok(v)]
     if bad:
       errors.append(f"{key}: {bad} are not {what}")
@@ -769,6 +804,8 @@ def _path_problems(config) -> list[str]:
     if not local.is_dir() or not any(local.glob("*.txt")):
       errors.append(f"data.local_dir={config.data.local_dir!r}: no *.txt files there (run from the repo root, "
                     "or give the absolute path of data/wikitext2)")
+  if config.lm_eval.eval_dir and not pathlib.Path(config.lm_eval.eval_dir).is_dir():
+    errors.append(f"lm_eval.eval_dir={config.lm_eval.eval_dir!r}: not a directory ('' = the repository's data/eval)")
   errors += _checkpoint_problem("generate.checkpoint", config.generate.checkpoint)
   errors += _checkpoint_problem("export.checkpoint", config.export.checkpoint)
   errors += _checkpoint_problem("fusion.checkpoint", config.fusion.checkpoint)

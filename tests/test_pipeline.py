@@ -22,7 +22,7 @@ def test_stage_artifacts(run_dir):
     assert p.exists(), p
   for png in (paths.bld / "losses.png", paths.scores.with_name("heatmap.png"),
               paths.solution.with_name("pareto.png"), paths.solution.with_name("choices.png"),
-              paths.report.with_name("pareto_kl.png")):
+              paths.report.with_name("pareto_kl.png"), paths.report.with_name("retention.png")):
     assert png.stat().st_size > 1000, png
 
 
@@ -46,6 +46,20 @@ def test_report_mip_beats_baselines(run_dir):
       assert at[name]["predicted_decode_speedup"] >= 1.2 - 1e-9
       assert at["mip"]["kl"] <= at[name]["kl"] + 1e-6, (name, at["mip"]["kl"], at[name]["kl"])
   assert 0 < at["mip"]["kl"] < 10 and 0 < at["mip"]["top1"] <= 1
+
+
+def test_report_task_retention(run_dir):
+  """lm-eval scores at the target: parent, MIP child and baselines; the child's equal its own run."""
+  from puzzle_jax.evals import lm, retention
+  paths = stages.Paths(run_dir)
+  tasks = json.loads(paths.report.read_text())["tasks"]
+  assert tasks["tasks"] == ["pj_arc_easy", "pj_piqa"] and tasks["limit"] == 2  # tiny config
+  assert {"parent", "mip"} <= set(tasks["scores"]) and set(tasks["scores"]) <= {"parent", "mip", "uniform",
+                                                                                "shortgpt", "gkd"}
+  assert all(v in (1.0, None) for v in tasks["retention"]["parent"].values())
+  child = lm.PuzzleLM(checkpoint=str(paths.child), batch_size=8)  # tokenizer found beside: WORKDIR/tokenizer
+  alone = retention.evaluate_model(child, ["arc_easy"], 2)
+  assert alone["pj_arc_easy"] == tasks["metrics"]["mip"]["pj_arc_easy"]
 
 
 def test_rerun_skips_and_cli_generate_export(run_dir):

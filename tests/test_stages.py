@@ -235,3 +235,14 @@ def test_distributed_switch_reaches_jax_distributed_initialize(monkeypatch, tmp_
   assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
   c.distributed.num_processes = 0
   assert any("coordinator_address and num_processes together" in e for e in stages.validate(c))
+
+
+def test_lm_eval_config_mistakes_are_named(tmp_path):
+  c = tiny_config(tmp_path)
+  assert stages.validate(c) == []
+  c.lm_eval.tasks, c.lm_eval.limit, c.lm_eval.batch_size = ("piqa", "mmlu"), -1, 0
+  c.lm_eval.eval_dir = str(tmp_path / "nowhere")
+  errors = "\n".join(stages.validate(c))
+  assert "lm_eval.tasks: ['mmlu'] are not among hellaswag" in errors
+  assert "lm_eval.limit=-1" in errors and "lm_eval.batch_size=0" in errors
+  assert "lm_eval.eval_dir=" in errors and "not a directory" in errors

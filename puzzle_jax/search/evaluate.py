@@ -135,6 +135,13 @@ def evaluate_search(parent_arch: Arch, parent_params: Params, library, problem, 
           "block_influence": bi.tolist(), "eval_tokens": int(tokens_NxL.size)}
 
 
+def realized_at(library, parent_params: Params, compared: Mapping[str, dict]) -> dict[str, tuple[Arch, Params]]:
+  """(arch, params) of every feasible model of a `compare_at` result, rebuilt from its choices."""
+  from puzzle_jax.search.realize import realize
+  return {name: realize(library, parent_params, [tuple(c) for c in r["choices"]])
+          for name, r in compared.items() if "choices" in r}
+
+
 def plot_sweep(report: Mapping[str, Any], png) -> None:
   """Measured KL to the parent vs predicted decode speedup, MIP vs baselines."""
   from puzzle_jax.search import mip
