@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from puzzle_jax.core import hf_gpt_oss
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec
 
 DECI_ARCH = "DeciLMForCausalLM"
@@ -103,6 +104,8 @@ def arch_from_hf(cfg: dict[str, Any]) -> Arch:
   """Build an `Arch` from a parsed config.json (Llama or nemotron-nas)."""
   archs = cfg.get("architectures") or []
   model_type = cfg.get("model_type")
+  if model_type in hf_gpt_oss.GPT_OSS_TYPES:
+    return hf_gpt_oss.arch_from_gpt_oss(cfg)
   hidden = int(_require(cfg, "hidden_size"))
   heads = int(_require(cfg, "num_attention_heads"))
   if "block_configs" in cfg:
@@ -155,7 +158,9 @@ def _ffn_to_deci(f: FFNSpec, hidden: int) -> dict[str, Any]:
 
 
 def arch_to_hf(arch: Arch, *, dtype: str = "bfloat16") -> dict[str, Any]:
-  """A nemotron-nas config.json dict for any project architecture."""
+  """A nemotron-nas config.json dict (a gpt_oss_puzzle one for MoE / attention-sink archs)."""
+  if hf_gpt_oss.is_gpt_oss_like(arch):
+    return hf_gpt_oss.arch_to_gpt_oss_puzzle(arch, dtype=dtype)
   blocks = []
   for b in arch.blocks:
     blk = {"attention": _attn_to_deci(b.attn, arch.num_heads),
