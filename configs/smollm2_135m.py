@@ -42,6 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.library.ffn_linear = True  # a DxD linear map replacing the FFN.
   c.library.ffn_noop = True  # FFN removed.
   c.library.layer_overrides = ml_collections.ConfigDict()  # {"0": {"attn_noop": False}}: per layer.
+  # gpt-oss-puzzle candidates (issue 25); the MoE ones apply to MoE layers only.
+  c.library.kv_fp8 = False  # also an FP8-KV-cache variant of each attention candidate (calibrated scales).
+  c.library.expert_fractions = (1.0, 0.75, 0.5, 0.25)  # MoE: fractions of the experts kept (top E' by importance).
+  c.library.moe_top_ks = ()  # MoE: top-k values to try besides the parent's (per-layer top-k search axis).
+  c.library.ep_size = 1  # expert parallelism degree: every candidate's expert count is a multiple of it.
 
   c.bld = ml_collections.ConfigDict()
   c.bld.steps = 20  # optimizer steps (every candidate trains on every step's batch).

@@ -42,7 +42,7 @@ def ffn_inputs(arch: Arch, params: Params, tokens_BxL) -> dict[int, tuple[jax.Ar
 
 
 def expert_stats(mlp: Params, x_TxD: jax.Array, top_k: int) -> dict[str, np.ndarray]:
-  """Sums over tokens of the three importance signals, [E] each (divide by `tokens`)."""
+  """Sums over tokens of the three importance signals, [E] each (divide by `tokens`); jittable."""
   E = mlp["router"]["weight"].shape[0]
   _, w_TxK, idx_TxK = moe_layer.route(mlp["router"], x_TxD, top_k)
   onehot_TxKxE = jax.nn.one_hot(idx_TxK, E, dtype=jnp.float32)
@@ -55,10 +55,9 @@ def expert_stats(mlp: Params, x_TxD: jax.Array, top_k: int) -> dict[str, np.ndar
     y = jnp.einsum("tf,tfd->td", moe_layer.expert_activation(gu), sel["down_proj"]) + sel["down_proj_bias"]
     norms.append(jnp.linalg.norm(y, axis=-1) * w_TxK[:, k])
   norm_TxK = jnp.stack(norms, axis=1)
-  return {"frequency": np.asarray(onehot_TxKxE.sum((0, 1))),
-          "weight": np.asarray(jnp.einsum("tk,tke->e", w_TxK, onehot_TxKxE)),
-          "contribution": np.asarray(jnp.einsum("tk,tke->e", norm_TxK, onehot_TxKxE)),
-          "tokens": np.float32(x_TxD.shape[0])}
+  return {"frequency": onehot_TxKxE.sum((0, 1)), "weight": jnp.einsum("tk,tke->e", w_TxK, onehot_TxKxE),
+          "contribution": jnp.einsum("tk,tke->e", norm_TxK, onehot_TxKxE),
+          "tokens": jnp.asarray(x_TxD.shape[0], jnp.float32)}
 
 
 def layer_stats(arch: Arch, params: Params, batches: Iterable[np.ndarray],
@@ -71,7 +70,7 @@ def layer_stats(arch: Arch, params: Params, batches: Iterable[np.ndarray],
         s = expert_stats(params["model"]["layers"][i]["mlp"], x[lo:lo + max_tokens_per_step], arch.blocks[i].ffn.top_k)
         acc = sums.setdefault(i, {k: 0.0 for k in s})
         for k, v in s.items():
-          acc[k] = acc[k] + v
+          acc[k] = acc[k] + np.asarray(v, np.float64)
   return {i: {k: s[k] / s["tokens"] for k in SIGNALS} for i, s in sums.items()}
 
 
