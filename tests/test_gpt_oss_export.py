@@ -50,11 +50,11 @@ def test_export_loads_in_transformers_and_matches_jax(child, tmp_path):
   tokens = np.random.RandomState(3).randint(0, 97, (2, 14))
   with torch.no_grad():
     ref = hf(torch.as_tensor(tokens)).logits.numpy()
-  ours = np.asarray(model.forward(arch, params, tokens))
+  ours = np.asarray(prune.forward(arch, params, tokens))
   assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
   back_arch, back = io.load_pretrained(out)
   assert back_arch == arch
-  np.testing.assert_allclose(np.asarray(model.forward(back_arch, back, tokens)), ours, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(prune.forward(back_arch, back, tokens)), ours, rtol=1e-5, atol=1e-5)
 
 
 def test_mxfp4_export_and_ep_check(child, tmp_path):

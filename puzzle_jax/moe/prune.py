@@ -12,7 +12,7 @@ Axis legend: T tokens, D hidden, E experts, K top-k.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -28,16 +28,18 @@ Params = dict[str, Any]
 SIGNALS = ("frequency", "weight", "contribution")
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def ffn_inputs(arch: Arch, params: Params, tokens_BxL) -> dict[int, tuple[jax.Array, jax.Array]]:
-  """{layer: (normalized FFN input [T, D], FFN output [T, D])} for every MoE layer, one parent pass."""
+  """{layer: (normalized FFN input [T, D], FFN output [T, D])} for every MoE or SwiGLU layer, one
+  parent pass."""
   out = {}
 
   def hook(i, h_in, a, mid, f):
-    if arch.blocks[i].ffn.kind == "moe":
+    if arch.blocks[i].ffn.kind in ("moe", "swiglu"):
       p = params["model"]["layers"][i]["post_attention_layernorm"]
       x = model.rms_norm(p, mid, arch.rms_eps)
       out[i] = (x.reshape(-1, x.shape[-1]), f.reshape(-1, f.shape[-1]))
-  model.forward(arch, params, jnp.asarray(tokens_BxL), hook=hook)
+  model.forward(arch, params, tokens_BxL, hook=hook)
   return out
 
 
@@ -60,14 +62,18 @@ def expert_stats(mlp: Params, x_TxD: jax.Array, top_k: int) -> dict[str, np.ndar
           "tokens": jnp.asarray(x_TxD.shape[0], jnp.float32)}
 
 
+_expert_stats_jit = jax.jit(expert_stats, static_argnums=2)
+
+
 def layer_stats(arch: Arch, params: Params, batches: Iterable[np.ndarray],
                 max_tokens_per_step: int = 4096) -> dict[int, dict[str, np.ndarray]]:
   """Importance signals per MoE layer, summed over calibration batches then averaged per token."""
   sums: dict[int, dict[str, np.ndarray]] = {}
   for tokens in batches:
-    for i, (x, _) in ffn_inputs(arch, params, tokens).items():
+    moe_io = {i: xy for i, xy in ffn_inputs(arch, params, tokens).items() if arch.blocks[i].ffn.kind == "moe"}
+    for i, (x, _) in moe_io.items():
       for lo in range(0, x.shape[0], max_tokens_per_step):
-        s = expert_stats(params["model"]["layers"][i]["mlp"], x[lo:lo + max_tokens_per_step], arch.blocks[i].ffn.top_k)
+        s = _expert_stats_jit(params["model"]["layers"][i]["mlp"], x[lo:lo + max_tokens_per_step], arch.blocks[i].ffn.top_k)
         acc = sums.setdefault(i, {k: 0.0 for k in s})
         for k, v in s.items():
           acc[k] = acc[k] + np.asarray(v, np.float64)
@@ -112,6 +118,9 @@ def prune_layer(arch: Arch, params: Params, layer: int, importance_E: np.ndarray
   return new_arch, {**params, "model": {**params["model"], "layers": layers}}
 
 
+forward = jax.jit(model.forward, static_argnums=0)  # eager MoE dispatch is slow on CPU
+
+
 def kl(ref_logits, logits) -> float:
   p, q = jax.nn.log_softmax(ref_logits, -1), jax.nn.log_softmax(logits, -1)
   return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
@@ -121,14 +130,14 @@ def rank_by_kl(arch: Arch, params: Params, stats: dict[int, dict[str, np.ndarray
                tokens_BxL) -> dict[str, float]:
   """Mean over MoE layers of the replace-1-block KL when that layer keeps `keep_fraction` of its
   experts chosen by each signal: lower = the signal ranks experts better."""
-  ref = model.forward(arch, params, tokens_BxL)
+  ref = forward(arch, params, tokens_BxL)
   out = {}
   for sig in SIGNALS:
     kls = []
     for i, s in stats.items():
       keep = max(1, int(keep_fraction * arch.blocks[i].ffn.num_experts))
       a, p = prune_layer(arch, params, i, s[sig], keep)
-      kls.append(kl(ref, model.forward(a, p, tokens_BxL)))
+      kls.append(kl(ref, forward(a, p, tokens_BxL)))
     out[sig] = float(np.mean(kls))
   return out
 

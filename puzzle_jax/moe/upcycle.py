@@ -26,6 +26,7 @@ from puzzle_jax.core import model
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, FFNSpec
 from puzzle_jax.moe import fit as moe_fit
 from puzzle_jax.moe import layer as moe_layer
+from puzzle_jax.moe import prune
 
 Params = dict[str, Any]
 SINK_OFF = -1e4  # a sink logit whose softmax weight underflows to exactly 0
@@ -93,16 +94,10 @@ def router_init(experts: Params, x_TxD: jax.Array, ridge: float = 1e-2) -> Param
 
 def _dense_io(arch: Arch, params: Params, batches: list) -> dict[int, tuple[jax.Array, jax.Array, float]]:
   """Per layer: normalized FFN inputs, dense FFN outputs, and amax |up| over the calibration tokens."""
-  xs: dict[int, list] = {}
-
-  def hook(i, h_in, a, mid, f):
-    x = model.rms_norm(params["model"]["layers"][i]["post_attention_layernorm"], mid, arch.rms_eps)
-    xs.setdefault(i, []).append((x.reshape(-1, x.shape[-1]), f.reshape(-1, f.shape[-1])))
-  for tokens in batches:
-    model.forward(arch, params, jnp.asarray(tokens), hook=hook)
+  pairs = [prune.ffn_inputs(arch, params, jnp.asarray(t)) for t in batches]
   out = {}
-  for i, pairs in xs.items():
-    x, y = jnp.concatenate([p[0] for p in pairs]), jnp.concatenate([p[1] for p in pairs])
+  for i in pairs[0]:
+    x, y = jnp.concatenate([p[i][0] for p in pairs]), jnp.concatenate([p[i][1] for p in pairs])
     up = model.linear(params["model"]["layers"][i]["mlp"]["up_proj"], x)
     out[i] = (x, y, float(jnp.max(jnp.abs(up))))
   return out
@@ -122,7 +117,7 @@ def upcycle(arch: Arch, params: Params, batches: Iterable[np.ndarray],
     x, y, _ = io[i]
     mlp = {**layers[i]["mlp"], "router": router_init(layers[i]["mlp"]["experts"], x)}
     before = moe_fit.moe_nmse(mlp, x, y, s.top_k)
-    mlp, _ = moe_fit.fit(mlp, x, y, s.top_k, dataclasses.replace(s.fit, seed=s.fit.seed + i))
+    mlp, _ = moe_fit.fit(mlp, x, y, s.top_k, s.fit)
     report[i] = {"nmse_init": before, "nmse_fit": moe_fit.moe_nmse(mlp, x, y, s.top_k)}
     layers[i] = {**layers[i], "mlp": mlp}
   return moe_arch, {**moe_params, "model": {**moe_params["model"], "layers": layers}}, report

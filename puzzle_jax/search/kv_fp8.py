@@ -11,6 +11,7 @@ saturating; with unit scales small V entries land in e4m3's subnormals.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterable
 
 import jax
@@ -41,6 +42,7 @@ def kv_amax(arch: Arch, params: Params, batches: Iterable[np.ndarray], per_head:
   return found
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _layer_kv(arch: Arch, params: Params, tokens_BxL: jax.Array) -> dict[int, dict[str, jax.Array]]:
   """Every cached layer's K (after RoPE, what the cache holds) and V, from one parent pass."""
   ctx = model.forward_ctx(arch, tokens_BxL)
