@@ -16,7 +16,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = "workdirs/smollm2_135m"  # every stage reads/writes here; reruns skip finished stages.
   c.seed = 0  # one seed for data order, inits and sampling.
-  c.distributed = False  # call jax.distributed.initialize() first (multi-host; env from the launcher).
+  c.distributed = ml_collections.ConfigDict()  # multi-host: the same command on every host.
+  c.distributed.enabled = False  # call jax.distributed.initialize() before anything else.
+  c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = from the cluster env (SLURM, ...).
+  c.distributed.num_processes = 0  # hosts in the job; 0 = from the cluster environment.
+  c.distributed.process_id = -1  # this host's rank; -1 = from the cluster environment.
   c.mesh = (("candidate", -1), ("data", 1))  # BLD mesh axes; -1 takes the remaining devices.
 
   c.parent = ml_collections.ConfigDict()

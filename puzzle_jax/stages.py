@@ -1,28 +1,711 @@
-"""Stage name -> the function that runs it (what the CLI and `run` dispatch on)."""
+"""The one owner of the config, the run directory and the stage order.
+
+`PIPELINE` lists the search's stages as data, in order: what each reads from the config, which
+stages' artifacts it reads, the directories it owns and the function that runs it. Everything else
+in the package takes explicit arguments; the functions here turn a config into them.
+
+Run directory (`config.workdir`, marked as ours by `.puzzle_jax.json`):
+  parent/ tokenizer/   import        bld/      bld (ckpt/, library/, losses.{jsonl,png})
+  scores/              score         costs/    costs
+  mip/                 mip           child/    realize
+  report/              evaluate      records/  one <stage>.json per stage   superseded/  moved-aside runs
+A stage's record holds the config subtree it read, its inputs' fingerprints and the package version.
+It is written as "running" before the stage starts and "done" after its artifact; a stage is skipped
+only when its done record matches what the config asks for now, resumed when its running record
+matches, and otherwise the run stops before doing anything and names the keys that changed.
+"""
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
+import pathlib
+import sys
+import time
+from typing import Any, Callable
 
-# stage -> "module:function"; imported lazily so `--help` and light stages start fast.
-STAGES = {
-    "import": "puzzle_jax.workdir:run_import",
-    "bld": "puzzle_jax.search.bld:run",
-    "score": "puzzle_jax.search.scoring:run",
-    "costs": "puzzle_jax.search.costs:run",
-    "mip": "puzzle_jax.search.select:run",
-    "realize": "puzzle_jax.search.realize:run",
-    "evaluate": "puzzle_jax.search.evaluate:run",
-    "generate": "puzzle_jax.generate:run",
-    "export": "puzzle_jax.export.nemotron_nas:run",
-    "run": "puzzle_jax.workdir:run_all",
+import numpy as np
+
+from puzzle_jax import artifacts
+from puzzle_jax.artifacts import ArtifactError
+
+VERSION = "0.1.0"
+
+
+class UserError(ValueError):
+  """A mistake in the config or the run directory: printed as one line per problem, no traceback."""
+
+
+# ----------------------------------------------------------------------------- the run directory
+@dataclasses.dataclass(frozen=True)
+class Paths:
+  root: pathlib.Path
+
+  @classmethod
+  def from_config(cls, config) -> Paths:
+    return cls(pathlib.Path(config.workdir))
+
+  parent = property(lambda s: s.root / "parent")
+  tokenizer = property(lambda s: s.root / "tokenizer")
+  bld = property(lambda s: s.root / "bld")
+  library = property(lambda s: s.root / "bld" / "library")
+  scores = property(lambda s: s.root / "scores" / "scores.json")
+  costs = property(lambda s: s.root / "costs" / "costs.json")
+  solution = property(lambda s: s.root / "mip" / "solution.json")
+  child = property(lambda s: s.root / "child")
+  report = property(lambda s: s.root / "report" / "report.json")
+  tfds = property(lambda s: s.root / "tfds")
+  records = property(lambda s: s.root / "records")
+
+  def record(self, stage: str) -> pathlib.Path:
+    return self.records / f"{stage}.json"
+
+
+# ----------------------------------------------------------------------------- the stage table
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  help: str
+  reads: tuple[str, ...]  # config keys (dotted; a section means all of it) its result depends on
+  inputs: tuple[str, ...]  # stages whose artifacts it reads
+  dirs: tuple[str, ...]  # directories under the workdir it owns
+  artifact: Callable[[Paths], pathlib.Path]  # exists once the stage is complete
+  fn: Callable[[Any, Paths], None]
+  ignore: tuple[str, ...] = ()  # keys under `reads` that do not change the result (locations, logging)
+
+  def rebuild(self) -> str:
+    return f"python -m puzzle_jax run --config ... --rerun_from={self.name}"
+
+
+def _stage(name, help, reads, inputs, dirs, artifact, ignore=()):
+  def register(fn):
+    _TABLE[name] = Stage(name, help, tuple(reads), tuple(inputs), tuple(dirs), artifact, fn, tuple(ignore))
+    return fn
+  return register
+
+
+_TABLE: dict[str, Stage] = {}
+_DATA = ("data", "seed")
+_DATA_IGNORE = ("data.data_dir",)  # where TFDS caches, not what it holds
+
+
+# ----------------------------------------------------------------------------- settings from the config
+def settings(cls, section) -> Any:
+  """A frozen settings dataclass from a config section (fields by name; lists become tuples)."""
+  kw = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section}
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+
+
+def library_settings(section):
+  from puzzle_jax.search import candidates as cands
+  lib = settings(cands.LibraryConfig, {k: v for k, v in section.items() if k != "layer_overrides"})
+  return dataclasses.replace(lib, layer_overrides={int(k): dict(v) for k, v in section.layer_overrides.items()})
+
+
+def targets(section):
+  from puzzle_jax.search import select
+  return select.Targets(section.target_decode_speedup, section.target_prefill_speedup, section.max_memory_gb,
+                        section.max_params, section.keep_first_attn)
+
+
+def parent_source(config) -> pathlib.Path:
+  from puzzle_jax import io
+  return pathlib.Path(config.parent.path) if config.parent.path else io.smollm2_gguf_path()
+
+
+def load_parent(paths: Paths):
+  from puzzle_jax import io
+  return io.load_checkpoint(paths.parent)
+
+
+def load_tok(paths: Paths):
+  from puzzle_jax.io import tokenizer
+  return tokenizer.Tokenizer.from_dir(paths.tokenizer)
+
+
+def _text(config, paths: Paths, split: str):
+  from puzzle_jax.io import data
+  data_dir = config.data.data_dir or str(paths.tfds)
+  return data.text_source(config.data.name, split, data_dir, local_dir=config.data.local_dir)
+
+
+def heldout_tokens(config, paths: Paths, tok, num_seqs: int, seq_len: int, split: str | None = None) -> np.ndarray:
+  """A fixed [num_seqs, seq_len] token set from the held-out split (deterministic)."""
+  from puzzle_jax.io import data
+  return data.token_array(_text(config, paths, split or config.data.eval_split), tok.encode, seq_len, num_seqs,
+                          bos_id=None, eos_id=data.doc_separator(tok), seed=config.seed,
+                          text_key=config.data.text_key)
+
+
+def train_batches(config, paths: Paths, tok, batch_size: int, seq_len: int):
+  from puzzle_jax.io import data
+  return data.TokenBatches(_text(config, paths, config.data.train_split), tok, batch_size, seq_len,
+                           seed=config.seed, text_key=config.data.text_key)
+
+
+# ----------------------------------------------------------------------------- the stages
+@_stage("import", "parent (HF dir / GGUF / checkpoint) -> project checkpoint + tokenizer",
+        reads=("parent",), inputs=(), dirs=("parent", "tokenizer"), artifact=lambda p: p.parent / "arch.json")
+def _import(config, paths: Paths) -> None:
+  import jax.numpy as jnp
+  from puzzle_jax import io
+  from puzzle_jax.core import model
+  from puzzle_jax.io import tokenizer
+  src = parent_source(config)
+  arch, params = io.load_pretrained(src, dtype=jnp.dtype(config.parent.dtype))
+  arch, params = model.truncate(arch, params, config.parent.max_layers)
+  tokenizer.load_tokenizer(src).save(paths.tokenizer)
+  io.save_checkpoint(paths.parent, arch, params, overwrite=True)
+  print(f"parent from {src}\n{arch.table()}")
+
+
+@_stage("bld", "candidate library + blockwise local distillation of every candidate at once",
+        reads=("library", "bld") + _DATA, inputs=("import",), dirs=("bld",),
+        artifact=lambda p: p.library / "library.json", ignore=_DATA_IGNORE + ("bld.checkpoint_every",))
+def _bld(config, paths: Paths) -> None:
+  import jax
+  from puzzle_jax.search import bld, candidates as cands, library as library_lib
+  arch, params = load_parent(paths)
+  tok = load_tok(paths)
+  library = cands.build_library(arch, library_settings(config.library))
+  cfg = settings(bld.BLDConfig, config.bld)
+  split = lambda x: [x[i:i + cfg.batch_size] for i in range(0, len(x), cfg.batch_size)]
+  calib = split(heldout_tokens(config, paths, tok, cfg.calib_batches * cfg.batch_size, cfg.seq_len,
+                               split=config.data.train_split))
+  held = split(heldout_tokens(config, paths, tok, cfg.eval_batches * cfg.batch_size, cfg.seq_len))
+  mesh = bld.make_mesh(config.mesh)
+  print(f"bld: {len(library)} candidates, {sum(cands.is_trainable(arch, c) for c in library)} trained, "
+        f"mesh {dict(mesh.shape)}")
+  groups, trained = bld.train(arch, params, library, cfg, train_batches(config, paths, tok, cfg.batch_size,
+                                                                        cfg.seq_len),
+                              calib, paths.bld, mesh=mesh, key=jax.random.PRNGKey(config.seed))
+  losses = bld.evaluate(arch, params, groups, trained, held)
+  library_lib.save_library(paths.library, arch, library, groups, trained, losses, cfg)
+  bld.plot_losses(paths.bld / "losses.jsonl", paths.bld / "losses.png")
+  bld.print_summary(library, losses)
+
+
+@_stage("score", "replace-1-block KL / LM-loss / top-1 of every candidate on held-out text",
+        reads=("score",) + _DATA, inputs=("import", "bld"), dirs=("scores",), artifact=lambda p: p.scores,
+        ignore=_DATA_IGNORE + ("score.metric", "score.candidate_chunk", "score.batch_size"))
+def _score(config, paths: Paths) -> None:
+  from puzzle_jax.search import library as library_lib, scoring
+  arch, params = load_parent(paths)
+  library = library_lib.load_library(paths.library)
+  cfg = settings(scoring.ScoreConfig, config.score)
+  tokens = heldout_tokens(config, paths, load_tok(paths), cfg.num_seqs, cfg.seq_len)
+  scores = scoring.Scorer(arch, params, cfg).score(library, tokens)
+  scoring.save_scores(paths.scores, scores, {"tokens": int(tokens.size), "config": dataclasses.asdict(cfg)})
+  scoring.plot_heatmap(scores, library, paths.scores.with_name("heatmap.png"), cfg.metric)
+
+
+@_stage("costs", "per-variant prefill / decode time (measured, analytic or a given table), exact bytes",
+        reads=("costs", "seed"), inputs=("bld",), dirs=("costs",), artifact=lambda p: p.costs)
+def _costs(config, paths: Paths) -> None:
+  from puzzle_jax.search import costs, library as library_lib
+  c = config.costs
+  library = library_lib.load_library(paths.library)
+  keys = sorted(library.keys)
+  scenario = costs.Scenario(batch=c.batch, prompt_len=c.prompt_len, gen_len=c.gen_len, dtype=c.dtype,
+                            kv_dtype=c.kv_dtype, repeats=c.repeats)
+  if c.table:
+    table = costs.load_cost_table(c.table, library.arch, keys)  # from another harness (e.g. PyTorch/H100)
+  elif c.backend == "analytic":
+    table = costs.analytic_table(library.arch, keys, scenario, peak_flops=c.peak_tflops * 1e12,
+                                 bandwidth=c.bandwidth_gbps * 1e9)
+  else:
+    table = costs.cost_table(library.arch, keys, scenario, seed=config.seed)
+  costs.save_cost_table(table, paths.costs)
+  print(f"costs ({table['backend']}, {table['device']}): " + ", ".join(
+      f"{k} {v['decode_s'] * 1e6:.0f}us" for k, v in table["variants"].items()))
+
+
+def problem(config, paths: Paths):
+  """The MIP's inputs (per-layer options, budgets) from the bld, score and costs artifacts."""
+  from puzzle_jax.search import costs, library as library_lib, scoring, select
+  library = library_lib.load_library(paths.library)
+  table = costs.load_cost_table(paths.costs, library.arch, sorted(library.keys))
+  return select.build_problem(library, scoring.load_scores(paths.scores), table, config.score.metric,
+                              targets(config.mip))
+
+
+@_stage("mip", "mixed-integer program: one candidate per layer under the budgets; Pareto sweep",
+        reads=("mip", "score.metric"), inputs=("bld", "score", "costs"), dirs=("mip",),
+        artifact=lambda p: p.solution)
+def _mip(config, paths: Paths) -> None:
+  from puzzle_jax.search import select
+  select.solve_and_plot(problem(config, paths), paths.solution, num_solutions=config.mip.num_solutions,
+                        solver=config.mip.solver, pareto_speedups=config.mip.pareto_speedups,
+                        metric=config.score.metric)
+
+
+def load_solution(paths: Paths) -> list[tuple[str, str]]:
+  doc = artifacts.read_json(paths.solution, required=("choices",))
+  try:
+    return [(str(a), str(f)) for a, f in doc["choices"]]
+  except (TypeError, ValueError) as e:
+    raise ArtifactError(paths.solution, f"'choices' is not a list of [attn, ffn] pairs ({e})") from e
+
+
+@_stage("realize", "the MIP's choice -> child checkpoint with BLD-trained sub-blocks",
+        reads=(), inputs=("import", "bld", "mip"), dirs=("child",), artifact=lambda p: p.child / "arch.json")
+def _realize(config, paths: Paths) -> None:
+  from puzzle_jax import io
+  from puzzle_jax.search import library as library_lib, realize
+  _, parent_params = load_parent(paths)
+  arch, params = realize.realize(library_lib.load_library(paths.library), parent_params, load_solution(paths))
+  io.save_checkpoint(paths.child, arch, params, overwrite=True)
+  print(arch.table())
+
+
+@_stage("evaluate", "perplexity, KL, top-1: parent vs MIP child vs same-cost baselines over the sweep",
+        reads=("eval", "mip", "score.metric") + _DATA, inputs=("import", "bld", "score", "costs", "mip"),
+        dirs=("report",), artifact=lambda p: p.report, ignore=_DATA_IGNORE + ("eval.batch_size",))
+def _evaluate(config, paths: Paths) -> None:
+  from puzzle_jax.search import evaluate, library as library_lib
+  parent_arch, parent_params = load_parent(paths)
+  tokens = heldout_tokens(config, paths, load_tok(paths), config.eval.num_seqs, config.eval.seq_len)
+  report = evaluate.evaluate_search(parent_arch, parent_params, library_lib.load_library(paths.library),
+                                    problem(config, paths), tokens, config.eval.batch_size,
+                                    config.mip.target_decode_speedup, config.mip.pareto_speedups)
+  report["fingerprints"] = {s: _read_record(paths, s).get("fingerprint") for s in _upstream("evaluate")}
+  artifacts.write_json(paths.report, report)
+  evaluate.plot_sweep(report, paths.report.with_name("pareto_kl.png"))
+  evaluate.print_report(report)
+
+
+PIPELINE: tuple[Stage, ...] = tuple(_TABLE.values())  # the order of the decorators above
+
+
+# ----------------------------------------------------------------------------- records
+def _upstream(name: str) -> list[str]:
+  """Every stage `name` depends on, transitively, in pipeline order."""
+  need, stack = set(), list(_TABLE[name].inputs)
+  while stack:
+    s = stack.pop()
+    if s not in need:
+      need.add(s)
+      stack.extend(_TABLE[s].inputs)
+  return [s.name for s in PIPELINE if s.name in need]
+
+
+def _section(config, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node.to_dict() if hasattr(node, "to_dict") else node
+
+
+def _read_config(stage: Stage, config) -> dict[str, Any]:
+  read = artifacts.flatten({k: artifacts.canonical(_section(config, k)) for k in stage.reads})
+  return {k: v for k, v in sorted(read.items()) if not any(k == i or k.startswith(i + ".") for i in stage.ignore)}
+
+
+def expected_records(config) -> dict[str, dict[str, Any]]:
+  """What each stage's record must say for its artifact to serve this config."""
+  out: dict[str, dict[str, Any]] = {}
+  for stage in PIPELINE:
+    rec = {"stage": stage.name, "config": _read_config(stage, config),
+           "inputs": {s: out[s]["fingerprint"] for s in stage.inputs}}
+    out[stage.name] = {**rec, "fingerprint": artifacts.fingerprint(rec)}
+  return out
+
+
+def _read_record(paths: Paths, name: str) -> dict[str, Any]:
+  path = paths.record(name)
+  if not path.exists():
+    return {}
+  try:
+    return artifacts.read_json(path, required=("stage", "config", "inputs", "fingerprint", "status"))
+  except ArtifactError:
+    return {"status": "corrupt", "config": {}, "inputs": {}}
+
+
+def _write_record(paths: Paths, expected: dict[str, Any], status: str, **extra) -> None:
+  artifacts.write_json(paths.record(expected["stage"]), {**expected, "status": status, "version": VERSION,
+                                                         "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+  stage: str
+  state: str  # "done" | "resume" | "todo" | "stale"
+  why: tuple[str, ...] = ()  # changed keys / inputs, when stale
+
+
+def status(config) -> list[Status]:
+  """Each stage's standing against the config: done, resumable, to do, or stale (and why)."""
+  paths, expected, out = Paths.from_config(config), expected_records(config), []
+  for stage in PIPELINE:
+    rec, exp = _read_record(paths, stage.name), expected[stage.name]
+    present = [d for d in stage.dirs if (paths.root / d).exists()]
+    if not rec:
+      out.append(Status(stage.name, "stale", (f"{', '.join(present)}/ exist(s) without a record of what made "
+                                              "them",)) if present else Status(stage.name, "todo"))
+      continue
+    if rec["status"] == "corrupt":
+      out.append(Status(stage.name, "stale", (f"its record {paths.record(stage.name)} is corrupt",)))
+      continue
+    why = tuple(artifacts.diff(rec["config"], exp["config"])) + tuple(
+        f"input `{s}` changed" for s in stage.inputs if rec["inputs"].get(s) != exp["inputs"][s])
+    if why:
+      out.append(Status(stage.name, "stale", why))
+    elif rec["status"] == "done" and stage.artifact(paths).exists():
+      out.append(Status(stage.name, "done"))
+    else:
+      out.append(Status(stage.name, "resume"))
+  return out
+
+
+# ----------------------------------------------------------------------------- running
+def _claim_workdir(paths: Paths) -> None:
+  try:
+    artifacts.claim(paths.root, "run directory")
+  except FileExistsError as e:
+    raise UserError(f"workdir: {e}") from None
+
+
+def _move_aside(paths: Paths, names: list[str]) -> pathlib.Path | None:
+  """Move the named stages' directories and records to superseded/<time>/ (never deleted)."""
+  dest = paths.root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+  moved = []
+  for name in names:
+    stage = _TABLE[name]
+    for p in [paths.root / d for d in stage.dirs] + [paths.record(name)]:
+      if p.exists():
+        target = dest / p.relative_to(paths.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        p.rename(target)
+        moved.append(p.name)
+  return dest if moved else None
+
+
+def _stale_message(stale: Status, later: list[str], workdir: pathlib.Path) -> str:
+  why = "\n".join(f"    {w}" for w in stale.why)
+  return (f"stage `{stale.stage}` in {workdir} was made with other settings than this run asks for:\n{why}\n"
+          f"  its artifact (and those of {', '.join(later) or 'no later stage'}) would not match the config.\n"
+          f"  Either recompute from it: add --rerun_from={stale.stage} (earlier results are moved to "
+          f"{workdir}/superseded/, not deleted),\n  or use a new workdir: --config.workdir=NEW_DIR")
+
+
+def check(config, until: str | None = None, rerun_from: str | None = None) -> list[Status]:
+  """The stages to run for `until` (default: the whole pipeline); raises UserError when a stage
+  that would be reused is stale and `rerun_from` does not cover it."""
+  names = [s.name for s in PIPELINE]
+  if until is not None and until not in names:
+    raise UserError(f"unknown stage {until!r}; choose one of {', '.join(names)}")
+  if rerun_from is not None and rerun_from not in names:
+    raise UserError(f"--rerun_from={rerun_from!r} is not a stage; choose one of {', '.join(names)}")
+  last = names.index(until) if until else len(names) - 1
+  redo = set(names[names.index(rerun_from):]) if rerun_from else set()
+  todo = status(config)[:last + 1]
+  for i, st in enumerate(todo):
+    if st.state == "stale" and st.stage not in redo:
+      raise UserError(_stale_message(st, names[i + 1:last + 1], Paths.from_config(config).root))
+  return [Status(s.stage, "todo") if s.stage in redo else s for s in todo]
+
+
+def run(config, until: str | None = None, rerun_from: str | None = None) -> Paths:
+  """Run the pipeline through `until`, skipping stages whose records match, resuming interrupted ones."""
+  paths = Paths.from_config(config)
+  validate_or_raise(config)
+  plan_ = check(config, until, rerun_from)
+  _claim_workdir(paths)
+  if rerun_from:  # the stage and everything after it: their artifacts no longer match
+    names = [t.name for t in PIPELINE]
+    moved = _move_aside(paths, names[names.index(rerun_from):])
+    if moved:
+      print(f"rerun from {rerun_from}: earlier results moved to {moved}")
+  expected = expected_records(config)
+  for st in plan_:
+    stage = _TABLE[st.stage]
+    if st.state == "done":
+      print(f"{stage.name}: {stage.artifact(paths)} exists, skipping (record {expected[stage.name]['fingerprint']})")
+      continue
+    _run_stage(stage, config, paths, expected[stage.name], resumed=st.state == "resume")
+  return paths
+
+
+def _run_stage(stage: Stage, config, paths: Paths, expected: dict[str, Any], resumed: bool) -> None:
+  t0 = time.perf_counter()
+  print(f"==> {stage.name}" + (" (resuming)" if resumed else ""), flush=True)
+  _write_record(paths, expected, "running")
+  try:
+    stage.fn(config, paths)
+  except ArtifactError as e:
+    raise UserError(_corrupt_message(e, paths)) from e
+  seconds = time.perf_counter() - t0
+  _write_record(paths, expected, "done", seconds=round(seconds, 2))
+  print(f"<== {stage.name} ({seconds:.1f}s)", flush=True)
+
+
+def _corrupt_message(e: ArtifactError, paths: Paths) -> str:
+  """Name the file, the stage that wrote it and the command that rebuilds it."""
+  if e.path is None:
+    return e.problem
+  path = e.path.absolute()
+  for stage in PIPELINE:
+    if any(path.is_relative_to((paths.root / d).absolute()) for d in stage.dirs):
+      return (f"{path}: {e.problem}.\n  It was written by the `{stage.name}` stage; rebuild it (and what "
+              f"follows) with: {stage.rebuild()}")
+  return f"{path}: {e.problem}"
+
+
+# ----------------------------------------------------------------------------- tools outside the pipeline
+def resolve_checkpoint(config, which: str):
+  """(arch, params) for "parent", "child" or a checkpoint / HF / GGUF path. Workdir checkpoints must be
+  current (their stage's record matches the config)."""
+  from puzzle_jax import io
+  paths = Paths.from_config(config)
+  if which in ("parent", "child"):
+    stage = "import" if which == "parent" else "realize"
+    st = {s.stage: s for s in check(config, until=stage)}
+    missing = [s for s, v in st.items() if v.state != "done"]
+    if missing:
+      if which == "parent":
+        run(config, until="import")
+      else:
+        raise UserError(f"{which}: stage(s) {', '.join(missing)} not finished in {paths.root}; run "
+                        "`python -m puzzle_jax run --config ...` first")
+    return load_parent(paths) if which == "parent" else io.load_checkpoint(paths.child)
+  p = pathlib.Path(which)
+  return io.load_checkpoint(p) if (p / "arch.json").exists() else io.load_pretrained(p)
+
+
+def tokenizer_for(config):
+  paths = Paths.from_config(config)
+  if not (paths.tokenizer / "tokenizer.json").exists():
+    run(config, until="import")
+  return load_tok(paths)
+
+
+def generate(config) -> str:
+  from puzzle_jax import generate as gen
+  g = config.generate
+  arch, params = resolve_checkpoint(config, g.checkpoint)
+  text = gen.complete(arch, params, tokenizer_for(config), g.prompt, chat=g.chat, max_new_tokens=g.max_new_tokens,
+                      temperature=g.temperature, top_p=g.top_p, seed=config.seed)
+  print(f"[{g.checkpoint}] {g.prompt}\n-> {text}")
+  return text
+
+
+def export(config) -> pathlib.Path:
+  """The parent, the child or a checkpoint -> HF directory (refuses a directory it did not create)."""
+  import warnings
+  from puzzle_jax.export import nemotron_nas
+  which = config.export.checkpoint
+  arch, params = resolve_checkpoint(config, which)
+  out = pathlib.Path(config.export.out_dir or Paths.from_config(config).root / "export" / pathlib.Path(which).name)
+  for issue in nemotron_nas.check_nemotron_nas_config(arch.to_hf_config()):
+    warnings.warn(f"vLLM/TensorRT-LLM compatibility: {issue}")
+  try:
+    path = nemotron_nas.export(arch, params, out, tokenizer=tokenizer_for(config), dtype=config.export.dtype)
+  except FileExistsError as e:
+    raise UserError(f"export: {e}") from None
+  print(f"export: {which} -> {path}")
+  return path
+
+
+def run_all(config, rerun_from: str | None = None) -> Paths:
+  """`run`: the whole search, then a sample from the parent and the child."""
+  paths = run(config, rerun_from=rerun_from)
+  from puzzle_jax import generate as gen
+  for which in ("parent", "child"):
+    arch, params = resolve_checkpoint(config, which)
+    text = gen.complete(arch, params, load_tok(paths), config.generate.prompt,
+                        max_new_tokens=config.generate.max_new_tokens)
+    print(f"[{which}] {config.generate.prompt}\n  -> {text}")
+  return paths
+
+
+def plan(config) -> list[dict[str, Any]]:
+  """`plan`: each stage's standing and, for what would run, an estimate of its time and peak memory."""
+  from puzzle_jax import estimate, io
+  from puzzle_jax.search import bld, candidates as cands
+  validate_or_raise(config)
+  source = io.read_arch(parent_source(config))
+  arch = source
+  if config.parent.max_layers and config.parent.max_layers < source.num_layers:
+    arch = dataclasses.replace(source, blocks=source.blocks[:config.parent.max_layers])
+  library = cands.build_library(arch, library_settings(config.library))
+  work = estimate.Work(
+      source_params=source.num_params(), candidates=len(library),
+      trained=sum(cands.is_trainable(arch, c) for c in library), groups=len(bld.make_groups(arch, library)),
+      bld=config.bld.to_dict(), score=config.score.to_dict(), eval=config.eval.to_dict(),
+      costs_backend="table" if config.costs.table else config.costs.backend,
+      variants=len({c.key for c in library}), sweep=len(set(config.mip.pareto_speedups)))
+  probe = estimate.probe(arch, config.score.batch_size, config.score.seq_len)
+  rows = estimate.plan_rows(status(config), estimate.stage_seconds(arch, probe, work),
+                            estimate.stage_peak_bytes(arch, work))
+  print(estimate.format_plan(rows, Paths.from_config(config).root))
+  return rows
+
+
+# The CLI's commands: the pipeline stages (each runs what it needs before it), then the tools.
+COMMANDS: dict[str, tuple[str, Callable]] = {
+    **{s.name: (s.help, lambda c, n=s.name, **kw: run(c, until=n, **kw)) for s in PIPELINE},
+    "run": ("the whole search (" + " -> ".join(s.name for s in PIPELINE) + ") and a sample from parent and child",
+            lambda c, **kw: run_all(c, **kw)),
+    "plan": ("what is done, what would run, and its estimated time and memory here", lambda c, **kw: plan(c)),
+    "generate": ("prompt -> text with the parent, the child or any checkpoint", lambda c, **kw: generate(c)),
+    "export": ("parent / child / checkpoint -> HF nemotron-nas directory", lambda c, **kw: export(c)),
 }
 
 
-def stage_fn(name: str):
-  if name not in STAGES:
-    raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
-  module, fn = STAGES[name].split(":")
-  return getattr(importlib.import_module(module), fn)
+# ----------------------------------------------------------------------------- validation
+_FLOATS = ("float32", "bfloat16", "float16")
+_ENUMS = {
+    "score.metric": ("kl", "lm_loss_delta", "one_minus_top1"),
+    "costs.backend": ("measure", "analytic"),
+    "bld.init": ("parent", "random"),
+    "parent.dtype": _FLOATS, "costs.dtype": _FLOATS, "export.dtype": _FLOATS,
+    "costs.kv_dtype": _FLOATS + ("fp8", "float8_e4m3fn", "int8"),
+}
+_POSITIVE_INTS = ("bld.steps", "bld.batch_size", "bld.seq_len", "bld.checkpoint_every", "bld.calib_batches",
+                  "bld.eval_batches", "score.num_seqs", "score.seq_len", "score.batch_size",
+                  "score.candidate_chunk", "costs.batch", "costs.prompt_len", "costs.gen_len", "costs.repeats",
+                  "eval.num_seqs", "eval.seq_len", "eval.batch_size", "generate.max_new_tokens",
+                  "library.ffn_multiple", "mip.num_solutions")
+_NON_NEGATIVE = ("bld.warmup_steps", "bld.weight_decay", "bld.ridge", "parent.max_layers", "mip.max_params",
+                 "mip.target_decode_speedup", "mip.target_prefill_speedup", "mip.max_memory_gb",
+                 "generate.temperature")
+_POSITIVE = ("bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps")
+_MESH_AXES = ("candidate", "data")
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _checkpoint_problem(key: str, which: str) -> list[str]:
+  if which in ("parent", "child") or pathlib.Path(which).exists():
+    return []
+  return [f"{key}={which!r}: not 'parent', 'child' or an existing checkpoint / HF / GGUF path"]
+
+
+def validate(config) -> list[str]:
+  """Every problem with the config that can be seen before any stage runs, one line each."""
+  errors = []
+  for key, allowed in _ENUMS.items():
+    if _section(config, key) not in allowed:
+      errors.append(f"{key}={_section(config, key)!r}: must be " + " or ".join(map(repr, allowed)))
+  for key in _POSITIVE_INTS:
+    v = _section(config, key)
+    if not _is_int(v) or v <= 0:
+      errors.append(f"{key}={v!r}: must be a positive integer")
+  for key, ok, what in [(k, lambda v: v >= 0, "non-negative") for k in _NON_NEGATIVE] + \
+                       [(k, lambda v: v > 0, "positive") for k in _POSITIVE]:
+    v = _section(config, key)
+    if not _is_num(v) or not ok(v):
+      errors.append(f"{key}={v!r}: must be a {what} number")
+  errors += _list_problems(config) + _path_problems(config) + _mesh_problems(config.mesh)
+  if _is_int(config.bld.warmup_steps) and _is_int(config.bld.steps) and config.bld.warmup_steps > config.bld.steps:
+    errors.append(f"bld.warmup_steps={config.bld.warmup_steps}: more than bld.steps={config.bld.steps}")
+  d = config.distributed
+  if d.enabled and bool(d.coordinator_address) != (d.num_processes > 0):
+    errors.append("distributed: give coordinator_address and num_processes together (or neither: the "
+                  "cluster environment supplies both)")
+  if not 0 < config.generate.top_p <= 1:
+    errors.append(f"generate.top_p={config.generate.top_p!r}: must be in (0, 1]")
+  if not errors and config.mip.solver not in _solvers():
+    errors.append(f"mip.solver={config.mip.solver!r}: not an installed CVXPY MILP solver; installed: "
+                  f"{', '.join(_solvers())}")
+  return errors
+
+
+def _list_problems(config) -> list[str]:
+  errors = []
+  for key, ok, what in (("library.ffn_fractions", lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
+                        ("library.kv_heads", lambda v: _is_int(v) and v > 0, "positive integers"),
+                        ("library.windows", lambda v: _is_int(v) and v > 0, "positive integers"),
+                        ("mip.pareto_speedups", lambda v: _is_num(v) and v > 0, "positive numbers")):
+    bad = [v for v in _section(config, key) if not ok(v)]
+    if bad:
+      errors.append(f"{key}: {bad} are not {what}")
+  return errors
+
+
+def _path_problems(config) -> list[str]:
+  errors = []
+  if config.parent.path and not pathlib.Path(config.parent.path).exists():
+    errors.append(f"parent.path={config.parent.path!r}: does not exist (an HF directory, a .gguf or a "
+                  "checkpoint; '' = the embedded SmolLM2)")
+  if config.costs.table and not pathlib.Path(config.costs.table).is_file():
+    errors.append(f"costs.table={config.costs.table!r}: no such file ('' = measure here)")
+  if config.data.name == "local_text":
+    local = pathlib.Path(config.data.local_dir)
+    if not local.is_dir() or not any(local.glob("*.txt")):
+      errors.append(f"data.local_dir={config.data.local_dir!r}: no *.txt files there (run from the repo root, "
+                    "or give the absolute path of data/wikitext2)")
+  errors += _checkpoint_problem("generate.checkpoint", config.generate.checkpoint)
+  errors += _checkpoint_problem("export.checkpoint", config.export.checkpoint)
+  if config.export.out_dir and config.parent.path:
+    out, src = pathlib.Path(config.export.out_dir).resolve(), pathlib.Path(config.parent.path).resolve()
+    if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+      errors.append(f"export.out_dir={config.export.out_dir!r}: is (or holds, or lies inside) the parent "
+                    f"{config.parent.path!r}; pick a directory of its own")
+  return errors
+
+
+def _mesh_problems(mesh) -> list[str]:
+  try:
+    axes = [(str(name), int(size)) for name, size in mesh]
+  except (TypeError, ValueError):
+    return [f"mesh={mesh!r}: must be ((axis, size), ...) with axes {_MESH_AXES}"]
+  errors = [f"mesh: unknown axis {name!r} (axes: {', '.join(_MESH_AXES)})" for name, _ in axes
+            if name not in _MESH_AXES]
+  errors += [f"mesh: axis {name!r} has size {size}; use a positive size or -1 (the remaining devices)"
+             for name, size in axes if size == 0 or size < -1]
+  if sum(size == -1 for _, size in axes) > 1:
+    errors.append("mesh: at most one axis may take the remaining devices (-1)")
+  return errors
+
+
+def _solvers() -> list[str]:
+  import cvxpy
+  return cvxpy.installed_solvers()
+
+
+def validate_or_raise(config) -> None:
+  errors = validate(config)
+  if errors:
+    raise UserError("config: " + "\nconfig: ".join(errors))
+
+
+def distributed_kwargs(section) -> dict[str, Any]:
+  """`jax.distributed.initialize` arguments: the ones set in the config; the rest from the cluster env."""
+  kw = {"coordinator_address": section.coordinator_address or None,
+        "num_processes": section.num_processes or None,
+        "process_id": section.process_id if section.process_id >= 0 else None}
+  return {k: v for k, v in kw.items() if v is not None}
+
+
+def maybe_init_distributed(config) -> None:
+  """Multi-host: the same command on every host; jax connects them before any stage touches a device."""
+  if config.distributed.enabled and not _DIST["done"]:
+    import jax
+    jax.distributed.initialize(**distributed_kwargs(config.distributed))
+    _DIST["done"] = True
+
+
+_DIST = {"done": False}
+
+
+def main_command(name: str, config, rerun_from: str | None = None) -> int:
+  """Run one CLI command; user mistakes become one line per problem on stderr and exit code 2."""
+  if name not in COMMANDS:
+    print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2
+  try:
+    maybe_init_distributed(config)
+    COMMANDS[name][1](config, **({"rerun_from": rerun_from} if rerun_from else {}))
+  except (UserError, ArtifactError) as e:
+    msg = _corrupt_message(e, Paths.from_config(config)) if isinstance(e, ArtifactError) else str(e)
+    print("\n".join(f"error: {line}" if line.startswith("config:") else line
+                    for line in f"error: {msg}".replace("error: config:", "config:", 1).splitlines()),
+          file=sys.stderr)
+    return 2
+  return 0

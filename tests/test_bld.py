@@ -10,6 +10,7 @@ import pytest
 
 from puzzle_jax.search import bld
 from puzzle_jax.search import candidates as cands
+from puzzle_jax.search import library as library_lib
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import uniform_arch
 
@@ -112,6 +113,20 @@ def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):
   assert log("run") == log("ref")
 
 
+def test_truncated_newest_checkpoint_falls_back_to_the_one_before(setup, tmp_path, capsys):
+  import shutil
+  mesh = bld.make_mesh((("candidate", 1), ("data", 1)), jax.devices()[:1])
+  _, ref = _train(setup, tmp_path / "ref", mesh)  # checkpoints at steps 3 and 6
+  shutil.copytree(tmp_path / "ref", tmp_path / "run")
+  newest = max((f for f in (tmp_path / "run" / "ckpt" / "6").rglob("*") if f.is_file()),
+               key=lambda f: f.stat().st_size)
+  newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 2])
+  _, resumed = _train(setup, tmp_path / "run", mesh)  # restores step 3, trains 4..6 again
+  assert "checkpoint step 6 is unreadable" in capsys.readouterr().out
+  assert list((tmp_path / "run" / "ckpt_corrupt").iterdir())  # moved aside, not deleted
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ref, resumed)
+
+
 def test_nan_in_teacher_raises_clear_error(setup, tmp_path):
   params, tokens, lib = setup
   bad = jax.tree_util.tree_map(lambda x: x, params)
@@ -132,8 +147,8 @@ def test_library_roundtrip_and_params(setup, tmp_path):
   mesh = bld.make_mesh((("candidate", 1), ("data", 1)), jax.devices()[:1])
   groups, trained = _train(setup, tmp_path, mesh)
   losses = bld.evaluate(ARCH, params, groups, trained, [tokens[:4]])
-  bld.save_library(tmp_path / "library", ARCH, lib, groups, trained, losses, CFG)
-  loaded = bld.load_library(tmp_path / "library")
+  library_lib.save_library(tmp_path / "library", ARCH, lib, groups, trained, losses, CFG)
+  loaded = library_lib.load_library(tmp_path / "library")
   assert loaded.arch == ARCH and loaded.candidates == lib
   for c in lib:
     p = loaded.params(c, params)

@@ -181,5 +181,6 @@ def test_costs_stage_rejects_unknown_backend(tmp_path):
   import smollm2_135m
   c = smollm2_135m.get_config("tiny")
   c.workdir, c.costs.backend = str(tmp_path), "roofline"
+  from puzzle_jax import stages
   with pytest.raises(ValueError, match="'measure' or 'analytic'"):
-    costs.run(c)
+    stages.validate_or_raise(c)

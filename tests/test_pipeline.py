@@ -9,33 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from puzzle_jax import io, workdir
+from puzzle_jax import io, stages
 from puzzle_jax.core.arch import spec_from_key
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tiny_config(root: pathlib.Path):
-  sys.path.insert(0, str(REPO / "configs"))
-  import smollm2_135m
-  c = smollm2_135m.get_config("tiny")
-  c.workdir = str(root)
-  c.data.local_dir = str(REPO / "data" / "wikitext2")
-  # A stable cost model: timings on a shared 2-core CI machine vary run to run (the fixed part
-  # measured 3.8 vs 6.6 ms in two runs) and flip the MIP's choice; test_costs covers measuring.
-  c.costs.backend = "analytic"
-  return c
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("wd")
-  workdir.run_all(tiny_config(root))
-  return root
-
-
 def test_stage_artifacts(run_dir):
-  paths = workdir.Paths(run_dir)
+  paths = stages.Paths(run_dir)
   for p in (paths.parent / "arch.json", paths.library / "library.json", paths.scores, paths.costs,
             paths.solution, paths.child / "arch.json", paths.report):
     assert p.exists(), p
@@ -46,7 +27,7 @@ def test_stage_artifacts(run_dir):
 
 
 def test_solution_meets_target_and_child_matches(run_dir):
-  paths = workdir.Paths(run_dir)
+  paths = stages.Paths(run_dir)
   sol = json.loads(paths.solution.read_text())
   assert sol["status"] == "optimal"
   assert sol["predicted_decode_speedup"] >= 1.2 - 1e-9  # tiny config's target
@@ -57,7 +38,7 @@ def test_solution_meets_target_and_child_matches(run_dir):
 
 
 def test_report_mip_beats_baselines(run_dir):
-  report = json.loads((workdir.Paths(run_dir).report).read_text())
+  report = json.loads((stages.Paths(run_dir).report).read_text())
   at = report["at_target"]
   assert report["parent"]["ppl"] > 1
   for name in ("uniform", "shortgpt"):
@@ -70,7 +51,7 @@ def test_report_mip_beats_baselines(run_dir):
 def test_rerun_skips_and_cli_generate_export(run_dir):
   args = [sys.executable, "-m", "puzzle_jax"]
   cfg = [f"--config={REPO / 'configs' / 'smollm2_135m.py'}:tiny", f"--config.workdir={run_dir}",
-         f"--config.data.local_dir={REPO / 'data' / 'wikitext2'}"]
+         f"--config.data.local_dir={REPO / 'data' / 'wikitext2'}", "--config.costs.backend=analytic"]
   out = subprocess.run(args + ["bld"] + cfg, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "exists, skipping" in out.stdout

@@ -6,6 +6,7 @@ import pytest
 
 from puzzle_jax.search import bld
 from puzzle_jax.search import candidates as cands
+from puzzle_jax.search import library as library_lib
 from puzzle_jax.search import scoring
 
 
@@ -18,8 +19,8 @@ def library(smollm2_small, real_tokens, tmp_path_factory):
   mesh = bld.make_mesh((("candidate", 1), ("data", 1)), jax.devices()[:1])
   groups, trained = bld.train(arch, params, lib, cfg, bld.ArrayBatches(real_tokens[:4, :64], 2),
                               [real_tokens[:2, :64]], wd, mesh=mesh, key=jax.random.PRNGKey(0), progress=False)
-  bld.save_library(wd / "lib", arch, lib, groups, trained, bld.evaluate(arch, params, groups, trained, [real_tokens[12:14, :64]]), cfg)
-  return bld.load_library(wd / "lib")
+  library_lib.save_library(wd / "lib", arch, lib, groups, trained, bld.evaluate(arch, params, groups, trained, [real_tokens[12:14, :64]]), cfg)
+  return library_lib.load_library(wd / "lib")
 
 
 @pytest.fixture(scope="module")

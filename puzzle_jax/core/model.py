@@ -11,6 +11,7 @@ G = N/K query heads per kv head, H head dim, F FFN width, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -268,6 +269,14 @@ def init_params(key: jax.Array, arch: Arch, dtype=jnp.float32) -> Params:
   if not arch.tie_embeddings:
     params["lm_head"] = _dense(kh, arch.vocab_size, arch.hidden_size, dtype)
   return params
+
+
+def truncate(arch: Arch, params: Params, max_layers: int) -> tuple[Arch, Params]:
+  """Keep the first `max_layers` blocks (0 = all): fast experiments on a real parent."""
+  if not max_layers or max_layers >= arch.num_layers:
+    return arch, params
+  arch = dataclasses.replace(arch, blocks=arch.blocks[:max_layers])
+  return arch, {**params, "model": {**params["model"], "layers": params["model"]["layers"][:max_layers]}}
 
 
 def count_params(params: Params) -> int:

@@ -28,6 +28,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from puzzle_jax import artifacts
 from puzzle_jax.export import hf_export
 from puzzle_jax.core import model
 from puzzle_jax.core import names
@@ -173,9 +174,11 @@ def export(arch: Arch, params: Params, out_dir: str | pathlib.Path, *, tokenizer
   flat = check_params(arch, params)
 
   def weights(tmp: pathlib.Path) -> None:
-    write_weights(tmp, flat, dtype, max_shard_bytes)
+    files = write_weights(tmp, flat, dtype, max_shard_bytes)
     if tokenizer is not None:
       tokenizer.save(tmp)
+    artifacts.write_json(tmp / artifacts.MARKER, {"created_by": "puzzle_jax export", "dtype": dtype,
+                                                  "weights": files})
   return _write_export(arch, out, dtype, weights)
 
 
@@ -195,11 +198,22 @@ def _target(arch: Arch, out_dir: str | pathlib.Path, dtype: str) -> pathlib.Path
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} unsupported; use one of {sorted(DTYPES)}")
   out = pathlib.Path(out_dir).resolve()
-  if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).exists())):
-    raise FileExistsError(f"{out} exists and is not an earlier export (no {CONFIG_FILE}); "
-                          "pick a new directory or remove it")
+  if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _earlier_export(out))):
+    raise FileExistsError(f"{out} exists and was not written by puzzle_jax's export (a model directory of "
+                          "your own, the parent, notes...); nothing in it was touched: pick a new directory")
   check_exportable(arch)
   return out
+
+
+def _earlier_export(out: pathlib.Path) -> bool:
+  """A directory this module wrote: its marker, or (weightless `export_config` output) nothing but
+  the config files and our remote code, byte for byte."""
+  if (out / artifacts.MARKER).is_file():
+    return True
+  names = {p.name for p in out.iterdir()}
+  if not names <= {CONFIG_FILE, GENERATION_CONFIG_FILE, *hf_export.FILES} or CONFIG_FILE not in names:
+    return False
+  return all((out / f).read_bytes() == (hf_export.DIR / f).read_bytes() for f in names & set(hf_export.FILES))
 
 
 def _write_export(arch: Arch, out: pathlib.Path, dtype: str, fill: Callable[[pathlib.Path], None],
@@ -324,17 +338,3 @@ def _check_block(b: Any, heads: Any, hidden: Any) -> list[str]:
                         "the wrong FFN (only this project's loader and the shipped modeling code read "
                         "intermediate_size)")
   return problems
-
-
-def run(config) -> pathlib.Path:
-  """`python -m puzzle_jax export`: the parent, the child or a checkpoint -> HF directory."""
-  import warnings
-  from puzzle_jax import generate, workdir as W
-  which = config.export.checkpoint
-  arch, params = generate.resolve_checkpoint(config, which)
-  out = pathlib.Path(config.export.out_dir or W.Paths.from_config(config).root / "export" / pathlib.Path(which).name)
-  for problem in check_nemotron_nas_config(arch.to_hf_config()):
-    warnings.warn(f"vLLM/TensorRT-LLM compatibility: {problem}")
-  path = export(arch, params, out, tokenizer=W.load_tok(config), dtype=config.export.dtype)
-  print(f"export: {which} -> {path}")
-  return path

@@ -4,8 +4,8 @@
 from puzzle_jax.io.checkpoint import (ARCH_FILE, GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, SAFETENSORS_FILE,
                                       SAFETENSORS_INDEX, LoadError, expected_shapes, load_checkpoint,
                                       load_pretrained, safetensors_files, save_checkpoint,
-                                      smollm2_gguf_path, unpermute_qk)
+                                      read_arch, smollm2_gguf_path, unpermute_qk)
 
 __all__ = ["ARCH_FILE", "GGUF_GLOBAL_NAMES", "GGUF_LAYER_NAMES", "SAFETENSORS_FILE", "SAFETENSORS_INDEX",
            "LoadError", "expected_shapes", "load_checkpoint", "load_pretrained", "safetensors_files",
-           "save_checkpoint", "smollm2_gguf_path", "unpermute_qk"]
+           "read_arch", "save_checkpoint", "smollm2_gguf_path", "unpermute_qk"]

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from puzzle_jax import artifacts
 from puzzle_jax.core import model
 from puzzle_jax.core import names
 from puzzle_jax.moe import mxfp4
@@ -129,6 +130,16 @@ def load_pretrained(path: str | pathlib.Path, dtype=None) -> tuple[Arch, Params]
                   f"or a GGUF file")
 
 
+def read_arch(path: str | pathlib.Path) -> Arch:
+  """The architecture of an HF directory, a GGUF file or a project checkpoint, without its weights."""
+  path = pathlib.Path(path)
+  if (path / ARCH_FILE).is_file():
+    return Arch.from_hf_config(artifacts.read_json(path / ARCH_FILE))
+  if path.is_dir():
+    return read_hf_config(path)[0]
+  return arch_from_gguf(open_gguf(path), path)
+
+
 def _magic(path: pathlib.Path) -> bytes:
   with open(path, "rb") as f:
     return f.read(4)
@@ -140,7 +151,10 @@ def read_hf_config(path: pathlib.Path) -> tuple[Arch, dict[str, Any]]:
   if not cfg_path.is_file():
     raise LoadError(f"{path} has no config.json; an HF model directory needs one (save it with "
                     f"`model.save_pretrained` or copy it from the model's repository)")
-  cfg = json.loads(cfg_path.read_text())
+  try:
+    cfg = json.loads(cfg_path.read_text())
+  except json.JSONDecodeError as e:
+    raise LoadError(f"{cfg_path}: not valid JSON ({e}); the file is truncated or corrupt") from e
   try:
     return Arch.from_hf_config(cfg), cfg
   except ArchError as e:
@@ -173,12 +187,18 @@ def read_safetensors(files: list[pathlib.Path]) -> tuple[dict[str, np.ndarray], 
   flat: dict[str, np.ndarray] = {}
   sources: dict[str, str] = {}
   for f in files:
-    with safe_open(str(f), framework="numpy") as st:
-      for k in st.keys():
-        if k in flat:
-          raise LoadError(f"{f}: tensor {k!r} also appears in {sources[k]}; keep one copy")
-        flat[k] = st.get_tensor(k)
-        sources[k] = str(f)
+    try:
+      with safe_open(str(f), framework="numpy") as st:
+        for k in st.keys():
+          if k in flat:
+            raise LoadError(f"{f}: tensor {k!r} also appears in {sources[k]}; keep one copy")
+          flat[k] = st.get_tensor(k)
+          sources[k] = str(f)
+    except LoadError:
+      raise
+    except Exception as e:  # safetensors' own errors name neither the file nor the cure
+      raise LoadError(f"{f}: cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
+                      "truncated or corrupt: copy or download it again") from e
   return flat, sources
 
 
@@ -394,13 +414,17 @@ def load_checkpoint(ckpt_dir: str | pathlib.Path) -> tuple[Arch, Params]:
   if not ocp.utils.is_checkpoint_finalized(params_path):
     raise LoadError(f"{params_path}: orbax save was not finalized; the checkpoint is incomplete")
   try:
-    arch = Arch.from_hf_config(json.loads(arch_path.read_text()))
+    arch = Arch.from_hf_config(artifacts.read_json(arch_path))
   except ArchError as e:
-    raise ArchError(f"{arch_path}: {e}") from e
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(params_path).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-    restored = ckptr.restore(params_path, target)
+    raise artifacts.ArtifactError(arch_path, str(e)) from e
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(params_path).item_metadata.tree
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+      restored = ckptr.restore(params_path, target)
+  except Exception as e:  # orbax/tensorstore raise many types for a truncated file
+    raise artifacts.ArtifactError(params_path, f"cannot be restored ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
   flat = names.flatten(restored)
   return arch, assemble(arch, flat, {k: str(params_path) for k in flat}, str(ckpt_dir))

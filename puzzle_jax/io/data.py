@@ -43,7 +43,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 WIKITEXT2_DIR = REPO / "data" / "wikitext2"
 EVAL_DIR = REPO / "data" / "eval"
 LOCAL_TEXT = "local_text"  # TFDS name of the builder below (from the class name)
@@ -222,6 +222,34 @@ def restore_iterator(it: grain.DatasetIterator, state: dict[str, Any]) -> grain.
   """Moves a fresh iterator over the same dataset to `state`; returns it."""
   it.set_state(state)
   return it
+
+
+def doc_separator(tok) -> int | None:
+  """Plain-text documents are separated by <|endoftext|> where the vocab has it (SmolLM2 does)."""
+  sep = tok.backend.token_to_id("<|endoftext|>")
+  return sep if sep is not None else tok.eos_id
+
+
+class TokenBatches:
+  """int32[B, L] training batches of packed text with a JSON position (BLD's BatchIterator protocol)."""
+
+  def __init__(self, source: Sequence[Any], tok, batch_size: int, seq_len: int, *, seed: int,
+               text_key: str = "text"):
+    ds = packed_dataset(source, tok.encode, seq_len, seed=seed, bos_id=None, eos_id=doc_separator(tok),
+                        text_key=text_key)
+    self._it = batch_iterator(ds, batch_size)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> np.ndarray:
+    return np.asarray(next(self._it)["tokens"])
+
+  def get_state(self) -> dict:
+    return iterator_state(self._it)
+
+  def set_state(self, state: dict) -> None:
+    self._it = restore_iterator(self._it, state)
 
 
 def token_array(source: Sequence[Any], encode: Callable[[str], list[int]], seq_len: int,

@@ -47,10 +47,6 @@ class BLDConfig:
   checkpoint_every: int = 50
   eval_batches: int = 2
 
-  @classmethod
-  def from_config(cls, c) -> BLDConfig:
-    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
-
 
 class BatchIterator(Protocol):
   """What BLD needs from the data pipeline: token batches plus a checkpointable position."""
@@ -269,11 +265,33 @@ def _save(mngr, step: int, state, data_state: dict) -> None:
 
 
 def _restore(mngr, abstract_state):
+  """(step, state, data state) of the newest intact checkpoint, or None. A step that fails to restore (a crash or a full disk mid-write) is
+  moved aside to `ckpt_corrupt/` (never deleted), said so, and the step before it is tried."""
   import orbax.checkpoint as ocp
-  step = mngr.latest_step()
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                   data=ocp.args.JsonRestore()))
-  return step, out["state"], out["data"]
+  root, errors = pathlib.Path(mngr.directory), []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                       data=ocp.args.JsonRestore()))
+      return step, out["state"], out["data"]
+    except Exception as e:  # orbax/tensorstore raise many types for a truncated file
+      errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+      aside = root.parent / "ckpt_corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      (root / str(step)).rename(aside)
+      mngr.reload()
+      print(f"bld: checkpoint step {step} is unreadable ({errors[-1]}); moved to {aside}, "
+            "resuming from the one before", flush=True)
+  print("bld: no intact checkpoint left; training from step 0 (same result, more time)", flush=True)
+  return None
+
+
+def _step_of(line: str) -> float:
+  """A log line's step; a line cut short by a kill counts as past any resume point (it is dropped)."""
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return float("inf")
 
 
 class LossLog:
@@ -282,7 +300,7 @@ class LossLog:
   def __init__(self, path: pathlib.Path, groups: Sequence[Group], resume_step: int):
     self.path, self.groups = path, groups
     lines = path.read_text().splitlines() if path.exists() else []
-    keep = [l for l in lines if json.loads(l)["step"] <= resume_step]
+    keep = [l for l in lines if _step_of(l) <= resume_step]
     path.write_text("".join(l + "\n" for l in keep))
 
   def write(self, step: int, losses: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -307,8 +325,9 @@ def train(arch: Arch, parent_params: Params, library: Sequence[Candidate], cfg: 
   abstract = jax.eval_shape(lambda: init_state(init_groups(arch, parent_params, groups, rand_cfg, None, key),
                                                optimizer))
   mngr = _ckpt_manager(workdir / "ckpt")
-  if mngr.latest_step() is not None:
-    start, state, data_state = _restore(mngr, abstract)
+  restored = _restore(mngr, abstract) if mngr.all_steps() else None
+  if restored is not None:
+    start, state, data_state = restored
     batches.set_state(data_state)
   else:
     stats = calibrate(arch, parent_params, calib) if cfg.init == "parent" else None
@@ -356,73 +375,6 @@ def evaluate(arch: Arch, parent_params: Params, groups: Sequence[Group], params_
   return sums
 
 
-# ----------------------------------------------------------------------------- the library artifact
-LIBRARY_FORMAT = "puzzle_jax.library/v1"
-
-
-@dataclasses.dataclass
-class Library(cands.CandidateSet):
-  """BLD's output: every candidate (arch, candidates, `at`), its held-out BLD loss, and its trained params."""
-  bld_loss: dict[str, float]
-  rows: dict[str, tuple[str, int]]  # candidate id -> (group name, row in the stacked params)
-  params_by_group: dict[str, Params]
-
-  def params(self, c: Candidate, parent_params: Params) -> Params:
-    """The candidate's sub-block params (the parent's own for the parent variant)."""
-    if c.spec.kind == "noop":
-      return {}
-    if cands.is_parent(self.arch, c):
-      attn_p, ffn_p = model.split_layer(parent_params["model"]["layers"][c.layer])
-      return attn_p if c.sub == "attn" else ffn_p
-    name, row = self.rows[c.id]
-    return jax.tree_util.tree_map(lambda x: x[row], self.params_by_group[name])
-
-
-def save_library(path: pathlib.Path, arch: Arch, library: Sequence[Candidate], groups: Sequence[Group],
-                 params_by_group: Mapping[str, Params], losses: Mapping[str, float],
-                 cfg: BLDConfig) -> None:
-  """Params first (orbax), `library.json` last and atomically: its presence means complete."""
-  import orbax.checkpoint as ocp
-  path.mkdir(parents=True, exist_ok=True)
-  real = {g.name: jax.tree_util.tree_map(lambda x, n=len(g.members): np.asarray(x[:n]), params_by_group[g.name])
-          for g in groups}
-  params_dir = path / "params"
-  if params_dir.exists():
-    import shutil
-    shutil.rmtree(params_dir)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(params_dir.absolute(), real)
-  rows = {c.id: (g.name, i) for g in groups for i, c in enumerate(g.members)}
-  entries = []
-  for c in library:
-    loss = losses.get(c.id, 1.0 if c.spec.kind == "noop" else 0.0)  # no-op: NMSE of 0 is 1; parent: 0
-    entries.append({"id": c.id, "layer": c.layer, "sub": c.sub, "key": c.key, "loss": loss,
-                    "trainable": cands.is_trainable(arch, c), "group": rows.get(c.id)})
-  doc = {"format": LIBRARY_FORMAT, "arch": arch.to_hf_config(), "bld": dataclasses.asdict(cfg),
-         "candidates": entries}
-  tmp = path / "library.json.tmp"
-  tmp.write_text(json.dumps(doc, indent=1))
-  os.replace(tmp, path / "library.json")
-
-
-def load_library(path: pathlib.Path) -> Library:
-  import orbax.checkpoint as ocp
-  from puzzle_jax.core.arch import spec_from_key
-  meta = path / "library.json"
-  if not meta.exists():
-    raise FileNotFoundError(f"{meta} missing: the BLD stage has not finished; run `python -m "
-                            "puzzle_jax bld --config ...` (it resumes from its last checkpoint)")
-  doc = json.loads(meta.read_text())
-  if doc.get("format") != LIBRARY_FORMAT:
-    raise ValueError(f"{meta}: format {doc.get('format')!r}, expected {LIBRARY_FORMAT!r}")
-  arch = Arch.from_hf_config(doc["arch"])
-  cs = [Candidate(e["layer"], e["sub"], spec_from_key(e["key"])) for e in doc["candidates"]]
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore((path / "params").absolute())
-  rows = {e["id"]: tuple(e["group"]) for e in doc["candidates"] if e["group"]}
-  return Library(arch, cs, {e["id"]: e["loss"] for e in doc["candidates"]}, rows, params)
-
-
 def plot_losses(log_path: pathlib.Path, png: pathlib.Path) -> None:
   """Per-candidate BLD loss curves, coloured by variant."""
   import matplotlib
@@ -447,35 +399,7 @@ def plot_losses(log_path: pathlib.Path, png: pathlib.Path) -> None:
   plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- stage
-def run(config) -> pathlib.Path:
-  """`python -m puzzle_jax bld`: train the candidate library (resumes; skips when done)."""
-  from puzzle_jax import workdir as W
-  paths = W.Paths.from_config(config)
-  if W.finished("bld", paths.library, paths.library / "library.json"):
-    return paths.library
-  arch, params = W.load_parent(config)
-  tok = W.load_tok(config)
-  library = cands.build_library(arch, cands.LibraryConfig.from_config(config.library))
-  cfg = BLDConfig.from_config(config.bld)
-  batches = W.TrainBatches(config, tok, cfg.batch_size, cfg.seq_len)
-  split = lambda x: [x[i:i + cfg.batch_size] for i in range(0, len(x), cfg.batch_size)]
-  calib = split(W.heldout_tokens(config, tok, cfg.calib_batches * cfg.batch_size, cfg.seq_len,
-                                 split=config.data.train_split))
-  held = split(W.heldout_tokens(config, tok, cfg.eval_batches * cfg.batch_size, cfg.seq_len))
-  mesh = make_mesh(config.mesh)
-  print(f"bld: {len(library)} candidates, {sum(cands.is_trainable(arch, c) for c in library)} trained, "
-        f"mesh {dict(mesh.shape)}")
-  groups, trained = train(arch, params, library, cfg, batches, calib, paths.bld, mesh=mesh,
-                          key=jax.random.PRNGKey(config.seed))
-  losses = evaluate(arch, params, groups, trained, held)
-  save_library(paths.library, arch, library, groups, trained, losses, cfg)
-  plot_losses(paths.bld / "losses.jsonl", paths.bld / "losses.png")
-  _print_summary(library, losses)
-  return paths.library
-
-
-def _print_summary(library: Sequence[Candidate], losses: Mapping[str, float]) -> None:
+def print_summary(library: Sequence[Candidate], losses: Mapping[str, float]) -> None:
   by_key: dict[str, list[float]] = {}
   for c in library:
     if c.id in losses:

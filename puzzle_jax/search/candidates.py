@@ -46,13 +46,6 @@ class LibraryConfig:
   ep_size: int = 1  # expert parallelism: every candidate's expert count is a multiple of this.
   layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
-  @classmethod
-  def from_config(cls, c) -> LibraryConfig:
-    fields = {f.name for f in dataclasses.fields(cls)} - {"layer_overrides"}
-    kw = {k: tuple(c[k]) if isinstance(c[k], (list, tuple)) else c[k] for k in fields}
-    overrides = {int(k): dict(v) for k, v in c.layer_overrides.items()}
-    return cls(**kw, layer_overrides=overrides)
-
   def for_layer(self, i: int) -> LibraryConfig:
     extra = self.layer_overrides.get(i)
     if not extra:
@@ -143,7 +136,7 @@ def build_library(arch: Arch, cfg: LibraryConfig) -> list[Candidate]:
 
 @dataclasses.dataclass
 class CandidateSet:
-  """A parent's candidates, without params: all the search needs (`bld.Library` adds trained params)."""
+  """A parent's candidates, without params: all the search needs (`library.Library` adds trained params)."""
   arch: Arch
   candidates: list[Candidate]
 

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from puzzle_jax.artifacts import ArtifactError
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import (DTYPE_BYTES, Arch, ArchError, AttnSpec, FFNSpec, attn_flops, ffn_flops,
                              kv_bytes_per_token, spec_from_key, variant_key)
@@ -66,8 +67,12 @@ _MAX_ROUNDS = 4  # timing rounds, if the calibrated count gave calls shorter tha
 _JNP_DTYPES = {"fp8": "float8_e4m3fn"}
 
 
-class CostTableError(ValueError):
+class CostTableError(ArtifactError):
   """A cost table unusable for this model or these candidates; the message says how to fix it."""
+
+  def __init__(self, message: str, path: str | os.PathLike | None = None):
+    super().__init__(None, message)
+    self.path = pathlib.Path(path) if path is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,9 +436,12 @@ def load_cost_table(path: str | os.PathLike, arch: Arch | None = None, keys: Ite
   """Read a cost table and check it fits: format, model dims (if arch), keys, workload (if scenario)."""
   try:
     table = json.loads(pathlib.Path(path).read_text())
-  except json.JSONDecodeError as e:
-    raise CostTableError(f"{path}: not valid JSON ({e}); re-run the costs stage") from e
-  validate_cost_table(table, arch, keys, scenario=scenario, source=str(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CostTableError(f"{path}: not valid JSON ({e}); re-run the costs stage", path) from e
+  try:
+    validate_cost_table(table, arch, keys, scenario=scenario, source=str(path))
+  except CostTableError as e:
+    raise CostTableError(str(e), path) from None
   return table
 
 
@@ -565,31 +573,3 @@ def analytic_table(arch: Arch, keys: Iterable[str], scenario: Scenario, *, peak_
   for k in dict.fromkeys(keys):
     table["variants"][k] = _analytic_variant(arch, _as_spec(k), scenario, peak_flops, bandwidth)
   return table
-
-
-def run(config) -> pathlib.Path:
-  """`python -m puzzle_jax costs`: measure every library variant, or a roofline estimate of each
-  (`costs.backend="analytic"`), or validate a given table (`costs.table`)."""
-  from puzzle_jax import workdir as W
-  from puzzle_jax.search import bld
-  paths = W.Paths.from_config(config)
-  if W.finished("costs", paths.costs):
-    return paths.costs
-  c = config.costs
-  if c.backend not in ("measure", "analytic"):
-    raise ValueError(f"costs.backend must be 'measure' or 'analytic', got {c.backend!r}")
-  library = bld.load_library(paths.library)
-  keys = sorted(library.keys)
-  scenario = Scenario(batch=c.batch, prompt_len=c.prompt_len, gen_len=c.gen_len, dtype=c.dtype,
-                      kv_dtype=c.kv_dtype, repeats=c.repeats)
-  if c.table:
-    table = load_cost_table(c.table, library.arch, keys)  # from another harness (e.g. PyTorch/H100)
-  elif c.backend == "analytic":
-    table = analytic_table(library.arch, keys, scenario, peak_flops=c.peak_tflops * 1e12,
-                           bandwidth=c.bandwidth_gbps * 1e9)
-  else:
-    table = cost_table(library.arch, keys, scenario, seed=config.seed)
-  save_cost_table(table, paths.costs)
-  print(f"costs ({table['backend']}, {table['device']}): " + ", ".join(
-      f"{k} {v['decode_s'] * 1e6:.0f}us" for k, v in table["variants"].items()))
-  return paths.costs

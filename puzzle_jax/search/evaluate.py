@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -120,33 +119,20 @@ def compare_at(problem, library, parent_params: Params, ref: Reference, bi: np.n
   return out
 
 
-def run(config) -> pathlib.Path:
-  """`python -m puzzle_jax evaluate`: parent vs MIP child vs baselines, across the Pareto sweep."""
-  from puzzle_jax import workdir as W
-  from puzzle_jax.search import bld
-  from puzzle_jax.search import select as search
-  paths = W.Paths.from_config(config)
-  if W.finished("evaluate", paths.report):
-    return paths.report
-  parent_arch, parent_params = W.load_parent(config)
-  library = bld.load_library(paths.library)
-  problem = search.load_problem(config)
-  tokens = W.heldout_tokens(config, W.load_tok(config), config.eval.num_seqs, config.eval.seq_len)
-  ref = Reference(parent_arch, parent_params, tokens, config.eval.batch_size)
-  bi = block_influence(parent_arch, parent_params, tokens, config.eval.batch_size)
-  targets = sorted(set(config.mip.pareto_speedups) | {config.mip.target_decode_speedup})
+def evaluate_search(parent_arch: Arch, parent_params: Params, library, problem, tokens_NxL: np.ndarray,
+                    batch_size: int, target_speedup: float, sweep_speedups: Sequence[float]) -> dict[str, Any]:
+  """The report: the parent's metrics, and MIP child vs both baselines at each speed of the sweep."""
   from tqdm.auto import tqdm
+  ref = Reference(parent_arch, parent_params, tokens_NxL, batch_size)
+  bi = block_influence(parent_arch, parent_params, tokens_NxL, batch_size)
+  targets = sorted(set(sweep_speedups) | {target_speedup})
   sweep = {t: compare_at(problem, library, parent_params, ref, bi, t) for t in tqdm(targets, desc="evaluate")}
-  report = {"parent": {**ref.evaluate(parent_arch, parent_params), "params": parent_arch.num_params(),
-                       "predicted_totals": problem.parent_totals},
-            "target_decode_speedup": config.mip.target_decode_speedup,
-            "at_target": sweep[config.mip.target_decode_speedup],
-            "sweep": [{"target_speedup": t, **r} for t, r in sweep.items()],
-            "block_influence": bi.tolist(), "eval_tokens": int(tokens.size)}
-  W.write_json(paths.report, report)
-  plot_sweep(report, paths.report.with_name("pareto_kl.png"))
-  print_report(report)
-  return paths.report
+  return {"parent": {**ref.evaluate(parent_arch, parent_params), "params": parent_arch.num_params(),
+                     "predicted_totals": problem.parent_totals},
+          "target_decode_speedup": target_speedup,
+          "at_target": sweep[target_speedup],
+          "sweep": [{"target_speedup": t, **r} for t, r in sweep.items()],
+          "block_influence": bi.tolist(), "eval_tokens": int(tokens_NxL.size)}
 
 
 def plot_sweep(report: Mapping[str, Any], png) -> None:

@@ -21,7 +21,7 @@ def child_arch(parent: Arch, choices: Choices) -> Arch:
 
 
 def realize(library, parent_params: Params, choices: Choices) -> tuple[Arch, Params]:
-  """Child arch and params from a `bld.Library` (BLD-trained weights; the parent's own where kept)."""
+  """Child arch and params from a `library.Library` (BLD-trained weights; the parent's own where kept)."""
   arch = child_arch(library.arch, choices)
   layers = []
   for i, (a_key, f_key) in enumerate(choices):
@@ -38,21 +38,3 @@ def realize(library, parent_params: Params, choices: Choices) -> tuple[Arch, Par
 def parent_choices(arch: Arch) -> list[tuple[str, str]]:
   from puzzle_jax.core.arch import variant_key
   return [(variant_key(b.attn), variant_key(b.ffn)) for b in arch.blocks]
-
-
-def run(config) -> pathlib.Path:
-  """`python -m puzzle_jax realize`: the MIP's choice -> child checkpoint (orbax + arch.json)."""
-  import json
-  from puzzle_jax import io, workdir as W
-  from puzzle_jax.search import bld
-  paths = W.Paths.from_config(config)
-  if W.finished("realize", paths.child, paths.child / "arch.json"):
-    return paths.child
-  if not paths.solution.exists():
-    raise FileNotFoundError(f"{paths.solution} missing: run the `mip` stage first")
-  choices = [tuple(c) for c in json.loads(paths.solution.read_text())["choices"]]
-  _, parent_params = W.load_parent(config)
-  arch, params = realize(bld.load_library(paths.library), parent_params, choices)
-  io.save_checkpoint(paths.child, arch, params, overwrite=True)
-  print(arch.table())
-  return paths.child

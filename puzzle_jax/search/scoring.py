@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from puzzle_jax import artifacts
 from puzzle_jax.search import candidates as cands
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import Arch, ArchError
@@ -39,10 +40,6 @@ class ScoreConfig:
   batch_size: int = 4
   candidate_chunk: int = 4
   metric: str = "kl"
-
-  @classmethod
-  def from_config(cls, c) -> ScoreConfig:
-    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
 
 
 def token_metrics(logits_BxLxV: jax.Array, ref_logp_BxLxV: jax.Array, tokens_BxL: jax.Array) -> dict:
@@ -124,7 +121,7 @@ class Scorer:
     return jax.lax.map(one, h_CxBxLxD) if self.cfg.candidate_chunk == 1 else jax.vmap(one)(h_CxBxLxD)
 
   def score(self, library: "Any", tokens_NxL: np.ndarray, *, progress: bool = True) -> dict[str, dict]:
-    """Metrics for every candidate of `library` (a bld.Library) on held-out tokens."""
+    """Metrics for every candidate of `library` (a library.Library) on held-out tokens."""
     from tqdm.auto import tqdm
     sums: dict[str, dict[str, float]] = {}
     parent_sums = {"nll": 0.0}
@@ -164,18 +161,18 @@ class Scorer:
     return out
 
 
+SCORES_FORMAT = "puzzle_jax.scores/v1"
+
+
 def save_scores(path: pathlib.Path, scores: Mapping[str, dict], meta: Mapping[str, Any]) -> None:
-  import os
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps({"format": "puzzle_jax.scores/v1", **meta, "scores": scores}, indent=1))
-  os.replace(tmp, path)
+  artifacts.write_json(path, {"format": SCORES_FORMAT, **meta, "scores": scores})
 
 
 def load_scores(path: pathlib.Path) -> dict[str, dict]:
-  if not path.exists():
-    raise FileNotFoundError(f"{path} missing: run the `score` stage first")
-  return json.loads(path.read_text())["scores"]
+  doc = artifacts.read_json(path, required=("scores",), fmt=SCORES_FORMAT)
+  if not isinstance(doc["scores"], dict) or not all(isinstance(v, dict) for v in doc["scores"].values()):
+    raise artifacts.ArtifactError(path, "'scores' is not a mapping of candidate id -> metrics")
+  return doc["scores"]
 
 
 def plot_heatmap(scores: Mapping[str, dict], library, png: pathlib.Path, metric: str = "kl") -> None:
@@ -200,20 +197,3 @@ def plot_heatmap(scores: Mapping[str, dict], library, png: pathlib.Path, metric:
   fig.tight_layout()
   fig.savefig(png, dpi=120)
   plt.close(fig)
-
-
-def run(config) -> pathlib.Path:
-  """`python -m puzzle_jax score`: replace-1-block scores of the whole library."""
-  from puzzle_jax import workdir as W
-  from puzzle_jax.search import bld
-  paths = W.Paths.from_config(config)
-  if W.finished("score", paths.scores):
-    return paths.scores
-  arch, params = W.load_parent(config)
-  library = bld.load_library(paths.library)
-  cfg = ScoreConfig.from_config(config.score)
-  tokens = W.heldout_tokens(config, W.load_tok(config), cfg.num_seqs, cfg.seq_len)
-  scores = Scorer(arch, params, cfg).score(library, tokens)
-  save_scores(paths.scores, scores, {"tokens": int(tokens.size), "config": dataclasses.asdict(cfg)})
-  plot_heatmap(scores, library, paths.scores.with_name("heatmap.png"), cfg.metric)
-  return paths.scores

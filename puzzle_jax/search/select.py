@@ -1,4 +1,4 @@
-"""The MIP stage: scores + cost table + library -> the chosen child architecture.
+"""Selection: scores + cost table + library -> the MIP problem, its solution and the Pareto front.
 
 Builds one `mip.LayerOptions` per layer (an Option per candidate, named by its variant key, with
 its replace-1-block score and its measured costs), turns the config's targets into budgets
@@ -13,6 +13,7 @@ import dataclasses
 import pathlib
 from typing import Any, Mapping, Sequence
 
+from puzzle_jax import artifacts
 from puzzle_jax.search import mip
 from puzzle_jax.search.candidates import CandidateSet
 from puzzle_jax.search.realize import parent_choices
@@ -28,11 +29,6 @@ class Targets:
   max_params: int = 0
   keep_first_attn: bool = True
 
-  @classmethod
-  def from_config(cls, c) -> Targets:
-    return cls(c.target_decode_speedup, c.target_prefill_speedup, c.max_memory_gb, c.max_params,
-               c.keep_first_attn)
-
 
 def _costs(entry: Mapping[str, float]) -> dict[str, float]:
   out = {k: float(entry.get(k, 0.0)) for k in COST_FIELDS}
@@ -44,7 +40,7 @@ def layer_options(library: CandidateSet, scores: Mapping[str, Mapping[str, float
                   metric: str = "kl") -> list[mip.LayerOptions]:
   """One Option per candidate; KL is clipped at 0 (the parent's own is 0 up to rounding).
 
-  `library`: a `bld.Library`, or a bare `candidates.CandidateSet` where scores come from elsewhere."""
+  `library`: a `library.Library`, or a bare `candidates.CandidateSet` where scores come from elsewhere."""
   missing = [c.id for c in library.candidates if c.id not in scores]
   if missing:
     raise KeyError(f"{len(missing)} candidates have no score (e.g. {missing[:3]}); re-run the score stage")
@@ -110,18 +106,6 @@ def build_problem(library: CandidateSet, scores, table, metric: str, targets: Ta
   return Problem(layers, fixed, parent_totals, forced, targets)
 
 
-def load_problem(config) -> Problem:
-  from puzzle_jax import workdir as W
-  from puzzle_jax.search import bld
-  from puzzle_jax.search import costs
-  from puzzle_jax.search import scoring
-  paths = W.Paths.from_config(config)
-  library = bld.load_library(paths.library)
-  table = costs.load_cost_table(paths.costs, library.arch, sorted(library.keys))
-  return build_problem(library, scoring.load_scores(paths.scores), table, config.score.metric,
-                       Targets.from_config(config.mip))
-
-
 def solution_doc(sol: mip.Solution, problem: Problem) -> dict[str, Any]:
   return {"choices": [list(c) for c in sol.choices], "objective": sol.objective, "totals": dict(sol.totals),
           "parent_totals": problem.parent_totals,
@@ -130,31 +114,27 @@ def solution_doc(sol: mip.Solution, problem: Problem) -> dict[str, Any]:
           "status": sol.status, "gap": sol.gap, "solve_s": sol.solve_s}
 
 
-def run(config) -> pathlib.Path:
-  """`python -m puzzle_jax mip`: solve for the configured targets; Pareto sweep; plots."""
-  from puzzle_jax import workdir as W
-  paths = W.Paths.from_config(config)
-  if W.finished("mip", paths.solution):
-    return paths.solution
-  problem = load_problem(config)
+def solve_and_plot(problem: Problem, out: pathlib.Path, *, num_solutions: int = 1, solver: str = "HIGHS",
+                   pareto_speedups: Sequence[float] = (), metric: str = "kl") -> dict[str, Any]:
+  """Solve for the problem's targets (with `num_solutions - 1` diverse alternatives) and sweep the
+  Pareto front; writes `out` (solution.json), pareto.png and choices.png beside it."""
   sols = mip.diverse_solutions(problem.layers, budgets(problem.parent_totals, problem.targets),
-                               config.mip.num_solutions, fixed=problem.fixed, forced=problem.forced,
-                               solver=config.mip.solver)
+                               num_solutions, fixed=problem.fixed, forced=problem.forced, solver=solver)
   best = sols[0]
-  front = [(t, _solve_or_none(problem, t)) for t in config.mip.pareto_speedups]
+  front = [(t, _solve_or_none(problem, t)) for t in pareto_speedups]
   doc = solution_doc(best, problem)
   doc["alternatives"] = [solution_doc(s, problem) for s in sols[1:]]
   doc["pareto"] = [{"target_speedup": t, **(solution_doc(s, problem) if s else {"infeasible": True})}
                    for t, s in front]
-  W.write_json(paths.solution, doc)
+  artifacts.write_json(out, doc)
   mip.plot_pareto([("MIP (predicted)", d["predicted_decode_speedup"], d["objective"])
-                   for d in doc["pareto"] if "choices" in d], paths.solution.with_name("pareto.png"),
-                  xlabel="predicted decode speedup", ylabel=f"sum of replace-1-block {config.score.metric}")
-  mip.plot_choices(best, problem.layers, paths.solution.with_name("choices.png"),
+                   for d in doc["pareto"] if "choices" in d], out.with_name("pareto.png"),
+                  xlabel="predicted decode speedup", ylabel=f"sum of replace-1-block {metric}")
+  mip.plot_choices(best, problem.layers, out.with_name("choices.png"),
                    title=f"chosen child: {doc['predicted_decode_speedup']:.2f}x predicted decode speedup")
   print(f"mip: {best.status}, objective {best.objective:.4f}, predicted decode speedup "
         f"{doc['predicted_decode_speedup']:.3f}x, solved in {best.solve_s:.2f}s")
-  return paths.solution
+  return doc
 
 
 def _solve_or_none(problem: Problem, speedup: float) -> mip.Solution | None:
