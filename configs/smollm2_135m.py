@@ -111,6 +111,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export.checkpoint = "child"  # what to export: "parent", "child" or a checkpoint path.
   c.export.out_dir = ""  # "" = <workdir>/export/<checkpoint>.
   c.export.dtype = "bfloat16"  # safetensors dtype.
+  c.export.mxfp4 = False  # gpt-oss children: expert matrices repacked to MXFP4 (*_blocks / *_scales).
+
+  # gpt-oss-puzzle test bed (issue 25): sparse-upcycle the dense parent into a gpt-oss-shaped MoE
+  # (each FFN split into experts along its channels, router + experts fitted by BLD to the dense FFN).
+  c.upcycle = ml_collections.ConfigDict()
+  c.upcycle.num_experts = 0  # experts per layer (must divide the FFN width); 0 = keep the parent dense.
+  c.upcycle.top_k = 2  # experts per token (< num_experts).
+  c.upcycle.steps = 100  # BLD steps per layer (router and experts).
+  c.upcycle.lr = 3e-3  # peak learning rate of that fit.
+  c.upcycle.batch_tokens = 256  # tokens per fit step.
+  c.upcycle.calib_seqs = 8  # calibration sequences (train split) whose activations the fit uses.
+  c.upcycle.seq_len = 128  # tokens per calibration sequence.
 
   if args.gpu:
     _grow(c)
@@ -129,6 +141,7 @@ def _grow(c: ml_collections.ConfigDict) -> None:
   c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 64, 512, 8
   c.costs.batch, c.costs.prompt_len, c.costs.gen_len = 64, 512, 256
   c.library.windows = (128,)
+  c.upcycle.steps, c.upcycle.batch_tokens, c.upcycle.calib_seqs, c.upcycle.seq_len = 300, 1024, 32, 512
 
 
 def _shrink(c: ml_collections.ConfigDict) -> None:
@@ -144,6 +157,7 @@ def _shrink(c: ml_collections.ConfigDict) -> None:
   c.generate.max_new_tokens = 8
   c.mip.target_decode_speedup = 1.2
   c.mip.pareto_speedups = (1.1, 1.2, 1.5)
+  c.upcycle.steps, c.upcycle.batch_tokens, c.upcycle.calib_seqs, c.upcycle.seq_len = 10, 64, 2, 32
 
 
 def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -54,6 +54,8 @@ class Paths:
   child = property(lambda s: s.root / "child")
   report = property(lambda s: s.root / "report" / "report.json")
   tfds = property(lambda s: s.root / "tfds")
+  upcycled = property(lambda s: s.root / "upcycle" / "parent")
+  upcycle_report = property(lambda s: s.root / "upcycle" / "report.json")
   records = property(lambda s: s.root / "records")
 
   def record(self, stage: str) -> pathlib.Path:
@@ -113,8 +115,9 @@ def parent_source(config) -> pathlib.Path:
 
 
 def load_parent(paths: Paths):
+  """The search's parent: the upcycled MoE when the upcycle stage made one, else the import."""
   from puzzle_jax import io
-  return io.load_checkpoint(paths.parent)
+  return io.load_checkpoint(paths.upcycled if (paths.upcycled / "arch.json").exists() else paths.parent)
 
 
 def load_tok(paths: Paths):
@@ -158,8 +161,33 @@ def _import(config, paths: Paths) -> None:
   print(f"parent from {src}\n{arch.table()}")
 
 
+@_stage("upcycle", "optional: dense parent -> gpt-oss-shaped MoE parent (experts = FFN channel groups, BLD router)",
+        reads=("upcycle",) + _DATA, inputs=("import",), dirs=("upcycle",), artifact=lambda p: p.upcycle_report,
+        ignore=_DATA_IGNORE)
+def _upcycle(config, paths: Paths) -> None:
+  from puzzle_jax import io
+  from puzzle_jax.core import model
+  from puzzle_jax.moe import fit, prune, upcycle
+  c = config.upcycle
+  if not c.num_experts:
+    artifacts.write_json(paths.upcycle_report, {"enabled": False})
+    return
+  arch, params = io.load_checkpoint(paths.parent)
+  tok = load_tok(paths)
+  s = upcycle.UpcycleSettings(c.num_experts, c.top_k, fit=fit.FitSettings(c.steps, c.lr, c.batch_tokens,
+                                                                         seed=config.seed))
+  calib = heldout_tokens(config, paths, tok, c.calib_seqs, c.seq_len, split=config.data.train_split)
+  m_arch, m_params, report = upcycle.upcycle(arch, params, [calib[i:i + 2] for i in range(0, len(calib), 2)], s)
+  held = heldout_tokens(config, paths, tok, 2, c.seq_len)
+  kl = prune.kl(prune.forward(arch, params, held), prune.forward(m_arch, m_params, held))
+  io.save_checkpoint(paths.upcycled, m_arch, m_params, overwrite=True)
+  artifacts.write_json(paths.upcycle_report, {"enabled": True, "kl_to_dense": kl,
+                                              "layers": {str(k): v for k, v in report.items()}})
+  print(f"upcycle: {c.num_experts} experts, top-{c.top_k}; KL to the dense parent {kl:.4f}\n{m_arch.table()}")
+
+
 @_stage("bld", "candidate library + blockwise local distillation of every candidate at once",
-        reads=("library", "bld") + _DATA, inputs=("import",), dirs=("bld",),
+        reads=("library", "bld") + _DATA, inputs=("upcycle",), dirs=("bld",),
         artifact=lambda p: p.library / "library.json", ignore=_DATA_IGNORE + ("bld.checkpoint_every",))
 def _bld(config, paths: Paths) -> None:
   import jax
@@ -185,7 +213,7 @@ def _bld(config, paths: Paths) -> None:
 
 
 @_stage("score", "replace-1-block KL / LM-loss / top-1 of every candidate on held-out text",
-        reads=("score",) + _DATA, inputs=("import", "bld"), dirs=("scores",), artifact=lambda p: p.scores,
+        reads=("score",) + _DATA, inputs=("upcycle", "bld"), dirs=("scores",), artifact=lambda p: p.scores,
         ignore=_DATA_IGNORE + ("score.metric", "score.candidate_chunk", "score.batch_size"))
 def _score(config, paths: Paths) -> None:
   from puzzle_jax.search import library as library_lib, scoring
@@ -247,7 +275,7 @@ def load_solution(paths: Paths) -> list[tuple[str, str]]:
 
 
 @_stage("realize", "the MIP's choice -> child checkpoint with BLD-trained sub-blocks",
-        reads=(), inputs=("import", "bld", "mip"), dirs=("child",), artifact=lambda p: p.child / "arch.json")
+        reads=(), inputs=("upcycle", "bld", "mip"), dirs=("child",), artifact=lambda p: p.child / "arch.json")
 def _realize(config, paths: Paths) -> None:
   from puzzle_jax import io
   from puzzle_jax.search import library as library_lib, realize
@@ -258,7 +286,7 @@ def _realize(config, paths: Paths) -> None:
 
 
 @_stage("evaluate", "perplexity, KL, top-1: parent vs MIP child vs same-cost baselines over the sweep",
-        reads=("eval", "mip", "score.metric") + _DATA, inputs=("import", "bld", "score", "costs", "mip"),
+        reads=("eval", "mip", "score.metric") + _DATA, inputs=("upcycle", "bld", "score", "costs", "mip"),
         dirs=("report",), artifact=lambda p: p.report, ignore=_DATA_IGNORE + ("eval.batch_size",))
 def _evaluate(config, paths: Paths) -> None:
   from puzzle_jax.search import evaluate, library as library_lib
@@ -491,10 +519,19 @@ def generate(config) -> str:
 def export(config) -> pathlib.Path:
   """The parent, the child or a checkpoint -> HF directory (refuses a directory it did not create)."""
   import warnings
-  from puzzle_jax.export import nemotron_nas
+  from puzzle_jax.core import hf_gpt_oss
+  from puzzle_jax.export import gpt_oss_puzzle, nemotron_nas
   which = config.export.checkpoint
   arch, params = resolve_checkpoint(config, which)
   out = pathlib.Path(config.export.out_dir or Paths.from_config(config).root / "export" / pathlib.Path(which).name)
+  if hf_gpt_oss.is_gpt_oss_like(arch):  # MoE / attention sinks: vLLM's gpt_oss_puzzle layout
+    try:
+      path = gpt_oss_puzzle.export(arch, params, out, tokenizer=tokenizer_for(config), dtype=config.export.dtype,
+                                   mxfp4=config.export.mxfp4, ep_size=config.library.ep_size)
+    except FileExistsError as e:
+      raise UserError(f"export: {e}") from None
+    print(f"export (gpt_oss_puzzle): {which} -> {path}")
+    return path
   for issue in nemotron_nas.check_nemotron_nas_config(arch.to_hf_config()):
     warnings.warn(f"vLLM/TensorRT-LLM compatibility: {issue}")
   try:
@@ -564,11 +601,12 @@ _POSITIVE_INTS = ("bld.steps", "bld.batch_size", "bld.seq_len", "bld.checkpoint_
                   "bld.eval_batches", "score.num_seqs", "score.seq_len", "score.batch_size",
                   "score.candidate_chunk", "costs.batch", "costs.prompt_len", "costs.gen_len", "costs.repeats",
                   "eval.num_seqs", "eval.seq_len", "eval.batch_size", "generate.max_new_tokens",
-                  "library.ffn_multiple", "mip.num_solutions")
-_NON_NEGATIVE = ("bld.warmup_steps", "bld.weight_decay", "bld.ridge", "parent.max_layers", "mip.max_params",
+                  "library.ffn_multiple", "mip.num_solutions", "library.ep_size", "upcycle.top_k",
+                  "upcycle.steps", "upcycle.batch_tokens", "upcycle.calib_seqs", "upcycle.seq_len")
+_NON_NEGATIVE = ("upcycle.num_experts", "bld.warmup_steps", "bld.weight_decay", "bld.ridge", "parent.max_layers", "mip.max_params",
                  "mip.target_decode_speedup", "mip.target_prefill_speedup", "mip.max_memory_gb",
                  "generate.temperature")
-_POSITIVE = ("bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps")
+_POSITIVE = ("upcycle.lr", "bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps")
 _MESH_AXES = ("candidate", "data")
 
 
@@ -608,6 +646,11 @@ def validate(config) -> list[str]:
   if d.enabled and bool(d.coordinator_address) != (d.num_processes > 0):
     errors.append("distributed: give coordinator_address and num_processes together (or neither: the "
                   "cluster environment supplies both)")
+  u = config.upcycle
+  if _is_int(u.num_experts) and _is_int(u.top_k) and u.num_experts and not u.top_k < u.num_experts:
+    errors.append(f"upcycle.top_k={u.top_k}: must be below upcycle.num_experts={u.num_experts} (sparse routing)")
+  if _is_int(u.num_experts) and _is_int(config.library.ep_size) and u.num_experts % max(config.library.ep_size, 1):
+    errors.append(f"library.ep_size={config.library.ep_size}: does not divide upcycle.num_experts={u.num_experts}")
   if not 0 < config.generate.top_p <= 1:
     errors.append(f"generate.top_p={config.generate.top_p!r}: must be in (0, 1]")
   if not errors and config.mip.solver not in _solvers():
@@ -621,6 +664,8 @@ def _list_problems(config) -> list[str]:
   for key, ok, what in (("library.ffn_fractions", lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
                         ("library.kv_heads", lambda v: _is_int(v) and v > 0, "positive integers"),
                         ("library.windows", lambda v: _is_int(v) and v > 0, "positive integers"),
+                        ("library.expert_fractions", lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
+                        ("library.moe_top_ks", lambda v: _is_int(v) and v > 0, "positive integers"),
                         ("mip.pareto_speedups", lambda v: _is_num(v) and v > 0, "positive numbers")):
     bad = [v for v in _section(config, key) if not ok(v)]
     if bad:
