@@ -144,3 +144,19 @@ def test_config_round_trip_and_keys(hf_dir):
   assert Arch.from_hf_config(json.loads(json.dumps(cfg))) == arch
   for b in arch.blocks:
     assert spec_from_key(variant_key(b.attn)) == b.attn and spec_from_key(variant_key(b.ffn)) == b.ffn
+
+
+def test_windowed_decode_reads_only_the_window_and_matches_forward(hf_dir):
+  """Cached decoding past the window (the windowed layers slice their cache) == full forward."""
+  _, d = hf_dir
+  arch, params = io.load_pretrained(d, dtype=jnp.float32)
+  tokens = jnp.asarray(np.random.RandomState(4).randint(0, 97, (2, 12)))
+  full = model.forward(arch, params, tokens)
+  extend = jax.jit(model.extend, static_argnums=0)
+  cache = model.init_cache(arch, 2, 12)
+  logits, cache = extend(arch, params, tokens[:, :7], cache)
+  steps = [logits]
+  for t in range(7, 12):
+    logits, cache = extend(arch, params, tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), rtol=2e-5, atol=2e-5)

@@ -152,11 +152,24 @@ def attn_apply(p: Params, h_BxLxD: jax.Array, spec: AttnSpec, arch: Arch, ctx: C
     k = jax.lax.dynamic_update_slice(cache_layer["k"], k.astype(cache_layer["k"].dtype), idx)
     v = jax.lax.dynamic_update_slice(cache_layer["v"], v.astype(cache_layer["v"].dtype), idx)
     cache_layer = {"k": k, "v": v}
+  mask = ctx.mask(spec.window)
+  if cache_layer is not None and spec.window is not None:
+    k, v, mask = _window_slots(k, v, mask, ctx.write_index, spec.window + L - 1)
   if spec.kv_dtype == "fp8":
     k, v = fp8_dequantize(k, a["k_scale"], q.dtype), fp8_dequantize(v, a["v_scale"], q.dtype)
-  out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask(spec.window),
-                          a["sinks"] if spec.sinks else None)
+  out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, a["sinks"] if spec.sinks else None)
   return linear(a["o_proj"], out.reshape(B, L, N * H)), cache_layer
+
+
+def _window_slots(k_BxSxKxH, v_BxSxKxH, mask_BxLxS, write_index, span: int):
+  """The `span` cache slots a windowed layer's new queries can see (ending at the newest one), so
+  a windowed decode step reads its window, not the whole cache; no-op when the cache is shorter."""
+  S, L = k_BxSxKxH.shape[1], mask_BxLxS.shape[1]
+  if span >= S:
+    return k_BxSxKxH, v_BxSxKxH, mask_BxLxS
+  start = jnp.clip(write_index + L - span, 0, S - span)
+  cut = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, span, axis=axis)
+  return cut(k_BxSxKxH, 1), cut(v_BxSxKxH, 1), cut(mask_BxLxS, 2)
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
