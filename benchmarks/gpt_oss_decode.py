@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import write_out
 from puzzle_jax.core import hf_gpt_oss, model
 from puzzle_jax.core.arch import Arch
 from puzzle_jax.moe import prune
@@ -140,9 +139,7 @@ def main(argv=None) -> dict:
           f"{row['child_kv_gb']:.1f} GB")
   result = {"device": jax.devices()[0].device_kind, "layers": arch.num_layers, "keep_experts": keep,
             "child_window": window, "steps": args.steps, "check": errs, "rows": rows}
-  if os.environ.get("OUT"):
-    with open(os.path.join(os.environ["OUT"], "gpt_oss_decode.json"), "w") as f:
-      json.dump(result, f, indent=1)
+  write_out("gpt_oss_decode.json", result)
   return result
 
 

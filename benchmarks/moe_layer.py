@@ -13,14 +13,13 @@ after a warm-up) for each token count, for every experts implementation transfor
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import write_out
+from benchmarks.forward import median_time
 from puzzle_jax.moe import layer as moe_layer
 
 SHAPES = dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4)
@@ -54,16 +53,6 @@ def params_from_hf(m, dtype) -> dict:
   return {"router": {"weight": t(m.router.weight), "bias": t(m.router.bias)},
           "experts": {"gate_up_proj": t(e.gate_up_proj), "gate_up_proj_bias": t(e.gate_up_proj_bias),
                       "down_proj": t(e.down_proj), "down_proj_bias": t(e.down_proj_bias)}}
-
-
-def median_time(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def main(argv=None) -> dict:
@@ -105,19 +94,19 @@ def main(argv=None) -> dict:
           continue
         try:
           m = set_impl(hf, name)
+          m(x_t)  # warm-up
           row[f"hf_{name}_tok_s"] = T / median_time(lambda: (m(x_t), sync()), args.repeats)
         except Exception as e:  # an implementation this torch build lacks
           row[f"hf_{name}_tok_s"] = None
           print(f"transformers {name}: {type(e).__name__}: {e}"[:200])
+    fwd(params, x_j, k).block_until_ready()  # compile
     row["jax_tok_s"] = T / median_time(lambda: fwd(params, x_j, k).block_until_ready(), args.repeats)
     rows.append(row)
   cols = ["jax", "hf_eager", "hf_batched_mm", "hf_grouped_mm"]
   print(f"{'tokens':>7} " + " ".join(f"{c + ' tok/s':>18}" for c in cols))
   for r in rows:
     print(f"{r['tokens']:>7} " + " ".join(f"{r[c + '_tok_s'] or float('nan'):>18,.0f}" for c in cols))
-  if os.environ.get("OUT"):
-    with open(os.path.join(os.environ["OUT"], "moe_layer.json"), "w") as f:
-      json.dump(result, f, indent=1)
+  write_out("moe_layer.json", result)
   return result
 
 

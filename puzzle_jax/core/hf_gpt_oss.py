@@ -104,21 +104,17 @@ def arch_to_gpt_oss_puzzle(arch: Arch, *, dtype: str = "bfloat16") -> dict[str, 
   blocks = [{"num_local_experts": b.ffn.num_experts, "sliding_window": b.attn.window,
              "num_experts_per_tok": b.ffn.top_k, "intermediate_size": b.ffn.intermediate_size,
              "kv_cache_dtype": "fp8_e4m3" if b.attn.kv_dtype == "fp8" else None} for b in arch.blocks]
-  eos = list(arch.eos_token_id) if isinstance(arch.eos_token_id, tuple) else arch.eos_token_id
+  from puzzle_jax.core.hf_config import global_fields  # hf_config imports this module
   return {
       "architectures": [PUZZLE_ARCH], "model_type": PUZZLE_MODEL_TYPE,
       "auto_map": {"AutoConfig": "configuration_gpt_oss_puzzle.GptOssPuzzleConfig",
                    "AutoModelForCausalLM": "modeling_gpt_oss_puzzle.GptOssPuzzleForCausalLM"},
-      "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
-      "num_attention_heads": arch.num_heads, "num_key_value_heads": first.attn.num_kv_heads,
-      "head_dim": arch.head_dim, "num_hidden_layers": arch.num_layers, "rms_norm_eps": arch.rms_eps,
+      **global_fields(arch), "num_key_value_heads": first.attn.num_kv_heads,
       "intermediate_size": max(b.ffn.intermediate_size for b in arch.blocks),
       "num_local_experts": max(b.ffn.num_experts for b in arch.blocks),
       "num_experts_per_tok": max(b.ffn.top_k for b in arch.blocks),
       "sliding_window": windows[0] if windows else None,
       "layer_types": ["sliding_attention" if b.attn.window else "full_attention" for b in arch.blocks],
-      **rope_to_gpt_oss(arch.rope), "tie_word_embeddings": arch.tie_embeddings,
-      "max_position_embeddings": arch.max_position, "bos_token_id": arch.bos_token_id,
-      "eos_token_id": eos, "attention_bias": True, "swiglu_limit": 7.0, "swiglu_alpha": 1.702,
+      **rope_to_gpt_oss(arch.rope), "attention_bias": True, "swiglu_limit": 7.0, "swiglu_alpha": 1.702,
       "torch_dtype": dtype, "block_configs": blocks,
   }
