@@ -73,6 +73,10 @@ case "${1:-}" in
     run timeout 300 python3 -m puzzle_jax.harness measure --parent $ROOT/rp --child $ROOT/rc --requests 16 \
       --out "$OUT/h100_measure_torchcost.json"
     ;;
+  moe)  # gpt-oss-puzzle: MoE layer at gpt-oss-20b shapes (JAX vs transformers), long-context decode parent vs child
+    run timeout 240 python3 benchmarks/moe_layer.py
+    run timeout 330 python3 benchmarks/gpt_oss_decode.py --layers 8 --contexts 8192 32768
+    ;;
   i)  # batch-1 decode: fused Pallas kernels vs XLA, XLA flag sets (CUDA-graph while loops), kernels per token
     run timeout 170 python3 benchmarks/decode_profile.py --model smollm2 --impls xla,pallas --flags default \
       --profile --timeout 160 --out "$OUT/decode_profile_smollm2.json"
