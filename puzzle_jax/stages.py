@@ -569,7 +569,8 @@ def plan(config) -> list[dict[str, Any]]:
       trained=sum(cands.is_trainable(arch, c) for c in library), groups=len(bld.make_groups(arch, library)),
       bld=config.bld.to_dict(), score=config.score.to_dict(), eval=config.eval.to_dict(),
       costs_backend="table" if config.costs.table else config.costs.backend,
-      variants=len({c.key for c in library}), sweep=len(set(config.mip.pareto_speedups)))
+      variants=len({c.key for c in library}), sweep=len(set(config.mip.pareto_speedups)),
+      upcycle=config.upcycle.to_dict())
   probe = estimate.probe(arch, config.score.batch_size, config.score.seq_len)
   rows = estimate.plan_rows(status(config), estimate.stage_seconds(arch, probe, work),
                             estimate.stage_peak_bytes(arch, work))
