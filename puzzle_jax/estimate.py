@@ -85,7 +85,7 @@ def stage_seconds(arch: Arch, p: Probe, w: Work) -> dict[str, float]:
   bld_step = _fwd_s(arch, p, bld_tokens, b["seq_len"]) * (1 + 3 * per_layer_candidates / 2)
   u = w.upcycle
   # n layers x steps x (forward + backward of one layer on batch_tokens ~ 3/n of a model forward).
-  upcycle = (0.0 if not u.get("num_experts") else
+  upcycle = (0.1 if not u.get("num_experts") else
              p.compile_s * 2 + u["calib_seqs"] * _fwd_s(arch, p, u["seq_len"], u["seq_len"])
              + u["steps"] * 3 * _fwd_s(arch, p, u["batch_tokens"], 1) + 2 * weights / _SAVE_BYTES_PER_S)
   return {
@@ -113,7 +113,7 @@ def stage_peak_bytes(arch: Arch, w: Work) -> dict[str, float]:
   logits = lambda batch, length, k=1: 4 * batch * length * v * k
   return {
       "import": 4 * w.source_params * 2,
-      "upcycle": 2 * weights if w.upcycle.get("num_experts") else 0.0,
+      "upcycle": 2 * weights if w.upcycle.get("num_experts") else 0.01 * GB,
       "bld": weights + 3 * per_layer * w.trained + bld_acts,
       "score": weights + logits(s["batch_size"], s["seq_len"], 2 * s["candidate_chunk"]),
       "costs": weights,

@@ -187,7 +187,7 @@ def _upcycle(config, paths: Paths) -> None:
 
 
 @_stage("bld", "candidate library + blockwise local distillation of every candidate at once",
-        reads=("library", "bld") + _DATA, inputs=("upcycle",), dirs=("bld",),
+        reads=("library", "bld") + _DATA, inputs=("import", "upcycle"), dirs=("bld",),
         artifact=lambda p: p.library / "library.json", ignore=_DATA_IGNORE + ("bld.checkpoint_every",))
 def _bld(config, paths: Paths) -> None:
   import jax
@@ -213,7 +213,7 @@ def _bld(config, paths: Paths) -> None:
 
 
 @_stage("score", "replace-1-block KL / LM-loss / top-1 of every candidate on held-out text",
-        reads=("score",) + _DATA, inputs=("upcycle", "bld"), dirs=("scores",), artifact=lambda p: p.scores,
+        reads=("score",) + _DATA, inputs=("import", "upcycle", "bld"), dirs=("scores",), artifact=lambda p: p.scores,
         ignore=_DATA_IGNORE + ("score.metric", "score.candidate_chunk", "score.batch_size"))
 def _score(config, paths: Paths) -> None:
   from puzzle_jax.search import library as library_lib, scoring
@@ -275,7 +275,7 @@ def load_solution(paths: Paths) -> list[tuple[str, str]]:
 
 
 @_stage("realize", "the MIP's choice -> child checkpoint with BLD-trained sub-blocks",
-        reads=(), inputs=("upcycle", "bld", "mip"), dirs=("child",), artifact=lambda p: p.child / "arch.json")
+        reads=(), inputs=("import", "upcycle", "bld", "mip"), dirs=("child",), artifact=lambda p: p.child / "arch.json")
 def _realize(config, paths: Paths) -> None:
   from puzzle_jax import io
   from puzzle_jax.search import library as library_lib, realize
@@ -286,7 +286,7 @@ def _realize(config, paths: Paths) -> None:
 
 
 @_stage("evaluate", "perplexity, KL, top-1: parent vs MIP child vs same-cost baselines over the sweep",
-        reads=("eval", "mip", "score.metric") + _DATA, inputs=("upcycle", "bld", "score", "costs", "mip"),
+        reads=("eval", "mip", "score.metric") + _DATA, inputs=("import", "upcycle", "bld", "score", "costs", "mip"),
         dirs=("report",), artifact=lambda p: p.report, ignore=_DATA_IGNORE + ("eval.batch_size",))
 def _evaluate(config, paths: Paths) -> None:
   from puzzle_jax.search import evaluate, library as library_lib

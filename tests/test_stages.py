@@ -47,7 +47,7 @@ def test_finished_run_is_done_and_records_fingerprints(run_dir):
   assert [s.state for s in stages.status(tiny_config(run_dir))] == ["done"] * len(stages.PIPELINE)
   report = json.loads(stages.Paths(run_dir).report.read_text())
   records = {s: json.loads(stages.Paths(run_dir).record(s).read_text()) for s in report["fingerprints"]}
-  assert set(records) == {"import", "bld", "score", "costs", "mip"}
+  assert set(records) == {"import", "upcycle", "bld", "score", "costs", "mip"}
   assert all(report["fingerprints"][s] == r["fingerprint"] and r["status"] == "done" for s, r in records.items())
   assert records["bld"]["config"]["bld.steps"] == 4 and records["bld"]["version"] == stages.VERSION
 
@@ -199,7 +199,7 @@ def test_plan(run_dir, tmp_path, capsys):
 
 def test_stage_table_is_the_one_order():
   names = [s.name for s in stages.PIPELINE]
-  assert names == ["import", "bld", "score", "costs", "mip", "realize", "evaluate"]
+  assert names == ["import", "upcycle", "bld", "score", "costs", "mip", "realize", "evaluate"]
   for s in stages.PIPELINE:  # inputs come earlier in the order
     assert all(names.index(i) < names.index(s.name) for i in s.inputs), s.name
   readme = (REPO / "README.md").read_text()
