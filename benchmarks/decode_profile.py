@@ -85,36 +85,30 @@ def _one_step(ks: list) -> list:
   return [{"name": e["name"][:60], "at_us": round(e["ts"] - t0, 2), "us": round(e["dur"], 2)} for e in ks[a:b + 1]]
 
 
-KNOBS = ("MATMUL_WARPS", "ATTN_WARPS", "MAX_PROGRAMS", "CHUNK_S", "MAX_CHUNKS", "TILE", "PERSISTENT_PROGRAMS",
-         "PERSISTENT_WARPS", "PERSISTENT_ATTN_BLOCK", "BARRIER", "PERSISTENT_FFN_ROWS", "PERSISTENT_EARLY_KV",
-         "PERSISTENT_QKV_TAGS", "KV_UPTO_INDEX", "PERSISTENT_IDLE_PREFETCH", "PREFETCH_LINES")
-INFER_KNOBS = ("PERSISTENT_MIN_RUN",)  # "auto": runs shorter than this take the five kernels
-_DEFAULTS: dict[str, Any] = {}
-
-
-def _set_knobs(spec: str) -> str:
-  """"pallas/MATMUL_WARPS=4/MAX_PROGRAMS=64" -> those `puzzle_jax.kernels` knobs (or `infer`'s
-  INFER_KNOBS) set, all others at their defaults; returns "pallas"."""
-  from puzzle_jax import infer, kernels
-  modules = {**{k: kernels for k in KNOBS}, **{k: infer for k in INFER_KNOBS}}
-  if not _DEFAULTS:
-    _DEFAULTS.update({k: getattr(m, k) for k, m in modules.items()})
-  for k, v in _DEFAULTS.items():
-    setattr(modules[k], k, v)
+def _config(spec: str):
+  """"pallas/matmul_warps=4/max_programs=64" -> ("pallas", a KernelConfig with those fields set)."""
+  import dataclasses
+  from puzzle_jax import kernels
   impl, *knobs = spec.split("/")
+  fields = {f.name: f for f in dataclasses.fields(kernels.KernelConfig)}
+  values = {}
   for kv in knobs:
     name, value = kv.split("=")
-    if name not in modules:
-      raise ValueError(f"no knob {name!r} in puzzle_jax.kernels or puzzle_jax.infer ({INFER_KNOBS})")
-    setattr(modules[name], name, int(value) if value.isdigit() else value)
-  return impl
+    if name not in fields:
+      raise ValueError(f"no KernelConfig field {name!r} (fields: {', '.join(fields)})")
+    if fields[name].type == "bool":
+      values[name] = value.lower() not in ("0", "false")
+    else:
+      values[name] = int(value) if value.lstrip("-").isdigit() else value
+  return impl, kernels.KernelConfig(**values)
 
 
-def _prepare(arch, params, dtype, impl: str):
+def _prepare(arch, params, dtype, impl: str, cfg=None):
   """Persistent kernels ("persistent", and "auto" for long runs) take a run of layers stacked (scan
-  layout, `prepare`'s default); the others unrolled layers."""
-  from puzzle_jax import infer
-  return infer.prepare(arch, params, dtype, scan=impl in ("persistent", "auto"), decode_impl=impl)
+  layout); the others unrolled layers."""
+  from puzzle_jax import infer, kernels
+  return infer.prepare(arch, params, dtype, scan=impl in ("persistent", "auto"), decode_impl=impl,
+                       kernel_config=cfg or kernels.DEFAULT)
 
 
 def _timeouts(cache) -> int:
@@ -172,10 +166,9 @@ def worker(args) -> dict[str, Any]:
     row: dict[str, Any] = {}
     out["impls"][impl_spec] = row
     try:
-      impl = _set_knobs(impl_spec)
-      jax.clear_caches()  # knobs are not part of the jit cache key
+      impl, cfg = _config(impl_spec)
       t0 = time.perf_counter()
-      ip = _prepare(arch, params, jnp.bfloat16, impl)
+      ip = _prepare(arch, params, jnp.bfloat16, impl, cfg)
       gen = lambda T: jax.block_until_ready(infer.generate(ip, toks, max_new_tokens=T))
       tokens = np.asarray(gen(NEW))
       row["first_call_s"] = time.perf_counter() - t0

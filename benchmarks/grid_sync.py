@@ -1,7 +1,7 @@
 r"""What a grid barrier costs against a kernel boundary: a chain of n dependent matrix-vector
 products (x <- W_k x, bf16 [D, D] weights, batch 1), run three ways on one GPU:
 
-  persistent  one Pallas kernel, one program per SM, `kernels._arrive/_wait` between products
+  persistent  one Pallas kernel, one program per SM, `triton_ops.arrive/wait` between products
               (with and without prefetching the next product's weights before the wait)
   kernels     n launches of `kernels.matmul`
   xla         n XLA dots
@@ -28,8 +28,10 @@ from jax.experimental import pallas as pl
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from puzzle_jax import kernels  # noqa: E402
+from puzzle_jax.kernels import triton_ops as tops  # noqa: E402
 
 F32 = jnp.float32
+INTERPRET = kernels.DEFAULT.interpreted  # Pallas' interpreter off the GPU
 
 
 def _chain_kernel(meta_ref, w_ref, buf_in, flags_in, buf_ref, flags_ref, *, n: int, d: int, bn: int,
@@ -46,7 +48,7 @@ def _chain_kernel(meta_ref, w_ref, buf_in, flags_in, buf_ref, flags_ref, *, n: i
   def body(k, w):
     w = w if prefetch else fetch(k)
     src = jnp.bitwise_and(k, 1)
-    x = (buf_ref[src, :] if mode == "plain" else kernels._load_l2(buf_ref, (src, slice(None)))).astype(F32)
+    x = (buf_ref[src, :] if mode == "plain" else tops.load(buf_ref, (src, slice(None)), l2=not INTERPRET)).astype(F32)
     y = jnp.sum(w * x[None, :], axis=1)
 
     @pl.when(p < items)
@@ -56,14 +58,14 @@ def _chain_kernel(meta_ref, w_ref, buf_in, flags_in, buf_ref, flags_ref, *, n: i
     sync = programs > 1 and mode not in ("none", "plain")
     epoch = (k + 1) if counter is not None else base + k + 1
     if sync:
-      kernels._arrive(flags_ref, p, epoch, counter)
+      tops.arrive(flags_ref, p, epoch, counter)
     w = fetch(jnp.minimum(k + 1, n - 1)) if prefetch else w
     if sync and mode in ("flags", "counter"):
-      kernels._wait(flags_ref, programs, epoch, counter)
+      tops.wait(flags_ref, programs, epoch, counter, max_spin=kernels.DEFAULT.max_spin)
     return w
 
   # Mode "counter": the call's number is base / n (as in kernels.decode_segment, by its parity).
-  counter = kernels._call_counter(flags_ref, p, jax.lax.div(base, n)) if mode == "counter" and programs > 1 else None
+  counter = tops.call_counter(flags_ref, p, jax.lax.div(base, n)) if mode == "counter" and programs > 1 else None
   jax.lax.fori_loop(0, n, body, fetch(0) if prefetch else jnp.zeros((bn, d), F32))
 
 
@@ -77,7 +79,7 @@ def persistent(w_nxDxD, buf_2xD, flags, base, *, programs: int, prefetch: bool, 
   kern = functools.partial(_chain_kernel, n=n, d=d, bn=bn, programs=programs, prefetch=prefetch, mode=mode)
   out = (jax.ShapeDtypeStruct(buf_2xD.shape, buf_2xD.dtype), jax.ShapeDtypeStruct(flags.shape, flags.dtype))
   return pl.pallas_call(kern, out_shape=out, grid=(programs,), input_output_aliases={2: 0, 3: 1},
-                        interpret=kernels._interpret(), compiler_params=kernels._compiler_params(8))(
+                        interpret=INTERPRET, compiler_params=tops.compiler_params(8, INTERPRET))(
       jnp.reshape(base, (1,)).astype(jnp.int32), w_nxDxD, buf_2xD, flags)
 
 

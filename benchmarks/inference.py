@@ -5,6 +5,10 @@ H100 (each line prints rows as they are measured and rewrites its JSON after eac
   timeout 240 python3 benchmarks/inference.py --device-size h100 --model smollm2 --gguf PATH \
       --torch-compile --out smollm2.json
   timeout 150 python3 benchmarks/inference.py --device-size h100 --model 8b-random --out 8b.json
+Llama-3.1-8B shapes (random weights) at batch 1 and 64 in every layout, next to the package's own
+PyTorch serving runner (CUDA graphs, static KV cache) on the same GPU (~4 minutes on an H200):
+  timeout 400 python3 benchmarks/inference.py --device-size h100 --model 8b-random \
+      --variants default,scan,unrolled --serving --out 8b.json
   timeout 170 python3 benchmarks/inference.py --device-size h100 --model child-random --variants scan \
       --compile-80 --out child.json
 CPU smoke run (tiny random models, float32 timings, < 60 s; tests/test_infer.py runs it):
@@ -22,10 +26,14 @@ shapes (float32 copies of all 8B weights in both frameworks would not fit) and t
 Timings: median of `--runs` calls after a warm-up; compile time = first call minus the median.
 Prefill: [B, L] random tokens -> logits (ours float32 logits, transformers bf16). Decode: a [b, P]
 random prompt and T new tokens without stop tokens; the whole generate() call is timed (its
-prefill included) and tok/s = b * T / time. Our path is timed in two layouts: `scan` (runs of
-identical layers stacked and scanned) and `unrolled` (every layer its own weights and cache,
-layers unrolled), prefill on `scan` only (same kernels). Decode b=1 rows also report the weight
-bandwidth that rate implies (weight bytes * tok/s).
+prefill included) and tok/s = b * T / time. Our path is timed in up to three layouts: `scan` (runs
+of identical layers stacked and scanned), `unrolled` (every layer its own weights and cache, layers
+unrolled) and `default` (what `infer.prepare` picks for that batch: `infer.default_scan`), prefill
+on the first of them only (same kernels). Decode b=1 rows also report the weight bandwidth that
+rate implies (weight bytes * tok/s). `--serving`: the package's PyTorch serving runner
+(`puzzle_jax.serving.runner.StaticRunner`, CUDA graphs on the GPU, eager elsewhere) on a DeciLM
+module of the same shapes with random weights, decode tok/s = b * T / time of T greedy steps after
+a P-token prompt (its prefill not timed).
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from puzzle_jax.core.arch import Arch, AttnSpec, BlockSpec, FFNSpec, RopeSpec, u
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ("smollm2", "smollm2-random", "8b-random", "child-random")
-VARIANTS = {"scan": True, "unrolled": False}
+VARIANTS = {"scan": True, "unrolled": False, "default": None}  # None: infer.default_scan for each batch
 TOP1_MIN = 0.99
 CHILD_LAYERS = {False: 30, True: 8}  # child-random depth (full, tiny)
 
@@ -386,7 +394,7 @@ def table(rows: dict[str, dict], batches: tuple[int, ...]) -> str:
   head = f"{'path':<28} {'prefill tok/s':>14}" + "".join(f" {f'decode b={b} tok/s':>18}" for b in batches)
   lines = [head + f" {'compile s':>10} {'b=1 weight GB/s':>16}"]
   for name, row in rows.items():
-    comp = sum(v["compile_s"] for v in row.values() if isinstance(v, dict))
+    comp = sum(v.get("compile_s", 0.0) for v in row.values() if isinstance(v, dict))
     bw = row.get("decode_b1", {}).get("weight_GBps")
     lines.append(f"{name:<28} {fmt(row, 'prefill'):>14}"
                  + "".join(f" {fmt(row, f'decode_b{b}'):>18}" for b in batches)
@@ -405,7 +413,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                   help="also time transformers' prefill under torch.compile")
   ap.add_argument("--torch-compile-decode", action="store_true",
                   help="and its generate() with the static cache compiled (minutes of compiling)")
-  ap.add_argument("--variants", default="scan,unrolled", help="our layouts to time: scan, unrolled")
+  ap.add_argument("--variants", default="scan,unrolled", help="our layouts to time: scan, unrolled, default")
+  ap.add_argument("--serving", action="store_true",
+                  help="also time the package's PyTorch serving runner (puzzle_jax.serving) on the same shapes")
   ap.add_argument("--skip-hf", action="store_true", help="time only our path")
   ap.add_argument("--compile-80", action="store_true", help="compile time of an 80-layer child's prefill")
   ap.add_argument("--attn-impl", choices=infer.ATTN_IMPLS, default="auto")
@@ -452,13 +462,45 @@ def time_variants(archs: dict[str, tuple[Arch, Any]], variants: list[str], sizes
                   attn_impl: str, rows: dict, save: Callable[[str], None]) -> None:
   for variant in variants:
     for who, (arch, params) in archs.items():
-      ip = infer.prepare(arch, params, jnp.dtype(sizes.dtype), scan=VARIANTS[variant], attn_impl=attn_impl)
-      # Prefill is timed on the scanned layout only: both layouts run the same prefill kernels.
-      rows[f"ours {who}({variant})"] = time_ours(ip, sizes, runs, prefill=variant == "scan")
-      add_bandwidth(rows[f"ours {who}({variant})"], arch, sizes)
+      # Prefill is timed on the first layout only: all layouts run the same prefill kernels.
+      prefill = variant == variants[0]
+      if VARIANTS[variant] is None:  # prepare's own choice, made for each decode batch
+        row: dict[str, Any] = {}
+        for b in sizes.decode_batches:
+          ip = infer.prepare(arch, params, jnp.dtype(sizes.dtype), batch=b, attn_impl=attn_impl)
+          one = time_ours(ip, dataclasses.replace(sizes, decode_batches=(b,)), runs, prefill=prefill and not row)
+          row.update(one)
+          row[f"decode_b{b}"]["layout"] = "scan" if len(ip.plan) < arch.num_layers else "unrolled"
+          del ip
+          gc.collect()
+      else:
+        ip = infer.prepare(arch, params, jnp.dtype(sizes.dtype), scan=VARIANTS[variant], attn_impl=attn_impl)
+        row = time_ours(ip, sizes, runs, prefill=prefill)
+        del ip
+        gc.collect()
+      rows[f"ours {who}({variant})"] = add_bandwidth(row, arch, sizes)
       save(f"ours {who}({variant})")
-      del ip
-      gc.collect()
+
+
+def time_serving(arch: Arch, sizes: Sizes, device: str, runs: int, rows: dict, save: Callable[[str], None]) -> None:
+  """The package's PyTorch serving runner on a random-weight DeciLM module of `arch`'s shapes."""
+  import tempfile
+  import torch
+  from puzzle_jax import export
+  from puzzle_jax.serving import load, measure
+  with tempfile.TemporaryDirectory() as d:
+    path = export.export_config(arch, pathlib.Path(d) / "model", dtype=sizes.dtype, code=False)
+    m = load.load_model(path, dtype=getattr(torch, sizes.dtype), device=device, random_weights=True)
+  mode = "graphs" if device.startswith("cuda") else "eager"
+  row: dict[str, Any] = {}
+  for b in sizes.decode_batches:
+    r = measure.measure_decode(m, b, sizes.prompt_len, sizes.new_tokens, mode=mode, repeats=max(1, runs // 2))
+    row[f"decode_b{b}"] = {"median_s": r["s"], "tok_s": r["tokens_per_s"], "mode": mode,
+                           "peak_memory_bytes": r["peak_memory_bytes"]}
+  rows[f"serving runner ({mode})"] = add_bandwidth(row, arch, sizes)
+  save(f"serving runner ({mode})")
+  del m
+  release_torch_memory()
 
 
 def time_transformers(arch: Arch, params, sizes: Sizes, device: str, args, rows: dict,
@@ -485,9 +527,8 @@ def add_bandwidth(row: dict, arch: Arch, sizes: Sizes) -> dict:
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   sizes = SIZES[args.device_size]
-  if args.model == "8b-random":
-    sizes = dataclasses.replace(sizes, prefill=(min(4, sizes.prefill[0]), sizes.prefill[1]),
-                                decode_batches=sizes.decode_batches[:1])
+  if args.model == "8b-random":  # a smaller prefill batch: float32 logits of 16 x 1024 x 128k would not fit
+    sizes = dataclasses.replace(sizes, prefill=(min(4, sizes.prefill[0]), sizes.prefill[1]))
   t_start = time.perf_counter()
   jax_device = jax.devices()[0].device_kind  # JAX loads its CUDA libraries before torch does
   args.attn_impl = resolve_attn_impl(args.attn_impl, args.model)
@@ -518,6 +559,11 @@ def main(argv: list[str] | None = None) -> dict:
   time_variants(archs, variants, sizes, args.runs, args.attn_impl, res["rows"], save)
   if args.model in ("smollm2", "smollm2-random") and not args.skip_hf:
     time_transformers(arch, params, sizes, device, args, res["rows"], save)
+  if args.serving:
+    del params
+    archs.clear()
+    gc.collect()  # the JAX weights go before the torch copy arrives
+    time_serving(arch, sizes, device, args.runs, res["rows"], save)
   if args.model == "child-random":
     res["speedups"] = [s for v in variants for s in child_speedups(parent, arch, res["rows"], sizes, v)]
   if args.compile_80:

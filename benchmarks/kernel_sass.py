@@ -16,6 +16,7 @@ layout conversions through shared memory), SHFL = warp shuffles (in-warp reducti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -35,8 +36,9 @@ OPS = {"BAR": r"\bBAR\.SYNC", "SHFL": r"\bSHFL\.", "FFMA": r"\bFFMA\b", "FADD": 
        "LDS": r"\bLDS\b", "STS": r"\bSTS\b", "RED/ATOM": r"\b(RED|REDG|ATOM|ATOMG)\."}
 
 
-def triton_ir(shape: tuple, layers: int, programs: int, timeline: bool = False) -> str:
-  """The Triton IR (text) of `decode_segment` for one row at these shapes, lowered for CUDA."""
+def triton_ir(shape: tuple, layers: int, programs: int, cfg: kernels.KernelConfig = kernels.DEFAULT) -> str:
+  """The Triton IR (text) of `decode_segment` built with `cfg` for one row at these shapes, with
+  `programs` programs, lowered for CUDA."""
   from jax._src.pallas.triton import pallas_call_registration as reg
   N, K, S = shape[1], shape[2], shape[5]
   p, kv, h, cos, sin, mask = jax.eval_shape(lambda: segment_profile.inputs(layers, *shape, S // 2))
@@ -47,19 +49,15 @@ def triton_ir(shape: tuple, layers: int, programs: int, timeline: bool = False) 
     seen.append(res.module.operation.get_asm(enable_debug_info=False))
     return res
 
-  saved = kernels._interpret, kernels.PERSISTENT_PROGRAMS
-  reg.lowering.lower_jaxpr_to_triton_module, kernels._interpret, kernels.PERSISTENT_PROGRAMS = (
-      spy, lambda: False, programs)
+  cfg = dataclasses.replace(cfg, interpret=False, programs=programs)
+  reg.lowering.lower_jaxpr_to_triton_module = spy
   try:
-    jax.clear_caches()  # knobs are not part of the lowering cache's key
     seg = lambda h, p, kv, fl, c, s, m, i: kernels.decode_segment(
-        h, p, kv, fl, c, s, m, i, attn_kind="gqa", ffn_kind="swiglu", num_heads=N, num_kv_heads=K,
-        timeline=timeline)
+        h, p, kv, fl, c, s, m, i, attn_kind="gqa", ffn_kind="swiglu", num_heads=N, num_kv_heads=K, cfg=cfg)
     flags, index = jax.ShapeDtypeStruct((programs + 1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
     jax.jit(seg).trace(h, p, kv, flags, cos, sin, mask, index).lower(lowering_platforms=("cuda",))
   finally:
     reg.lowering.lower_jaxpr_to_triton_module = lower
-    kernels._interpret, kernels.PERSISTENT_PROGRAMS = saved
   if len(seen) != 1:
     raise RuntimeError(f"expected one Triton kernel, lowered {len(seen)}")
   return seen[0]
@@ -102,7 +100,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--shape", default="576,9,3,64,1536,256", help="D,N,K,H,F,S")
   ap.add_argument("--layers", type=int, default=30)
   ap.add_argument("--programs", type=int, default=132)
-  ap.add_argument("--warps", default=str(kernels.PERSISTENT_WARPS))
+  ap.add_argument("--warps", default=str(kernels.DEFAULT.persistent_warps))
   ap.add_argument("--variants", default="full,barriers only,qkv only,attention+o_proj only,ffn only")
   ap.add_argument("--out", default="")
   args = ap.parse_args(argv)
@@ -112,16 +110,8 @@ def main(argv=None) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     for warps in map(int, args.warps.split(",")):
       for name in args.variants.split(","):
-        skip, knobs = segment_profile.VARIANTS[name]
-        knobs = {**knobs, "PERSISTENT_WARPS": warps, "PROFILE_SKIP": frozenset(skip)}
-        saved = {k: getattr(kernels, k) for k in knobs}
-        for k, v in knobs.items():
-          setattr(kernels, k, v)
-        try:
-          row = sass_stats(triton_ir(shape, args.layers, args.programs), warps, pathlib.Path(tmp))
-        finally:
-          for k, v in saved.items():
-            setattr(kernels, k, v)
+        cfg = segment_profile.variant(name, persistent_warps=warps)
+        row = sass_stats(triton_ir(shape, args.layers, args.programs, cfg), warps, pathlib.Path(tmp))
         res["rows"][f"{name} / {warps} warps"] = row
         print(f"{name + f' / {warps} warps':38s} {row['registers']:5d} {row['spill_bytes']:6d} "
               f"{row['instructions']:6d} " + " ".join(f"{row[k]:8d}" for k in OPS), flush=True)

@@ -1,5 +1,5 @@
 r"""A child from a MIP stage's Pareto sweep as a weightless HF directory (speed runs use random
-weights: `python -m puzzle_jax.harness measure --random-weights`).
+weights: `python -m puzzle_jax.serving measure --random-weights`).
 
   python benchmarks/pareto_child.py workdirs/torchcost/mip/solution.json benchmarks/data/smollm2_parent \
       1.5 benchmarks/data/torchcost_child15

@@ -6,12 +6,12 @@ costs the PyTorch harness measured on an H100: measured decode speedup at batch 
   python benchmarks/puzzle8b.py proxy-scores --src workdirs/torchcost/scores/scores.json \
       --out benchmarks/data/llama8b_proxy_scores.json
   # H100: cost table of every candidate variant, the MIP's child, both timed on random weights
-  python -m puzzle_jax.harness costs --arch-from benchmarks/data/llama8b_parent \
+  python -m puzzle_jax.serving costs --arch-from benchmarks/data/llama8b_parent \
       --keys $(python benchmarks/puzzle8b.py keys --parent benchmarks/data/llama8b_parent) \
       --batch 64 --prompt-len 512 --gen-len 128 --out OUT/costs.json
   python benchmarks/puzzle8b.py select --parent benchmarks/data/llama8b_parent \
       --scores benchmarks/data/llama8b_proxy_scores.json --costs OUT/costs.json --target 1.5 --out OUT
-  python -m puzzle_jax.harness measure --parent benchmarks/data/llama8b_parent --child OUT/child \
+  python -m puzzle_jax.serving measure --parent benchmarks/data/llama8b_parent --child OUT/child \
       --random-weights --decode-batches 1,64 --prefill-grid 4x1024 --out OUT/measure.json  # gpu_suite.sh k
 
 Quality scores. Random weights have none, so the 8B candidates get SmolLM2-135M's measured

@@ -7,7 +7,7 @@ work skipped (barriers kept; results then wrong: timing only), and under launch 
 Rows: us per call (median of --runs jitted loops of --reps calls, divided by reps) and per layer.
 
 `--timeline`: for each variant that skips nothing, one more call of the whole kernel that reads
-each SM's clock at points of every phase (`decode_segment(timeline=True)`): its data in, half way,
+each SM's clock at points of every phase (`KernelConfig(timeline=True)`): its data in, half way,
 result, adds + release (arrived at the barrier), barrier (left it); printed as cycles since the
 program left the previous barrier (the attention's q/k/v arrive as tagged words, with no barrier
 before it: from the one before q/k/v), median over layers of the median program / the slowest. The
@@ -18,6 +18,7 @@ the reads add a little time (the arrive then waits for its atomic's reply).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -31,40 +32,46 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from puzzle_jax import kernels  # noqa: E402
 
-S4 = {"PERSISTENT_WARPS": 4, "PERSISTENT_ATTN_BLOCK": 128}  # session 4's settings
-S5_KERNEL = {"PERSISTENT_QKV_TAGS": False, "PERSISTENT_FFN_ROWS": 16, "KV_UPTO_INDEX": False}  # session 5's kernel
-VARIANTS = {  # name -> (skipped phase positions, knob settings); phases: qkv, attention+o_proj, FFN
-    "full": ((), {}),
-    "barriers only": ((0, 1, 2), {}),
-    "qkv only": ((1, 2), {}),
-    "attention+o_proj only": ((0, 2), {}),
-    "ffn only": ((0, 1), {}),
-    "ffn 8 rows": ((0, 1), {"PERSISTENT_FFN_ROWS": 8}),
-    "full 8 warps": ((), {"PERSISTENT_WARPS": 8}),
-    "full 8 warps attn 256": ((), {"PERSISTENT_WARPS": 8, "PERSISTENT_ATTN_BLOCK": 256}),  # the whole cache prefetched
-    "full 4 warps attn 128": ((), S4),
-    "full kv at barrier": ((), {"PERSISTENT_EARLY_KV": False}),  # the cache block loaded at the barrier
-    # Session 6's defaults, each turned back (and all: session 5's kernel)
-    "full s5 defaults": ((), S5_KERNEL),
-    "full qkv barrier": ((), {"PERSISTENT_QKV_TAGS": False}),  # a grid barrier after q/k/v, not tagged words
-    "full ffn 16 rows": ((), {"PERSISTENT_FFN_ROWS": 16}),  # 96 FFN items of 16 rows, not 128 of 12
-    "full kv whole cache": ((), {"KV_UPTO_INDEX": False}),  # cached K/V read past the index too
-    # Session 7: L2 prefetch of the next phase's weights by the programs idle in a phase (default: in
-    # every phase, 512 lines per step): off, during attention only, other steps; 16 warps
-    "full no idle prefetch": ((), {"PERSISTENT_IDLE_PREFETCH": ""}),
-    "full idle prefetch ffn": ((), {"PERSISTENT_IDLE_PREFETCH": "ffn"}),
-    "full prefetch 4096 lines": ((), {"PREFETCH_LINES": 4096}),  # a share at once (up to 4096 lines)
-    "full prefetch 256 lines": ((), {"PREFETCH_LINES": 256}),
-    "full 16 warps": ((), {"PERSISTENT_WARPS": 16}),
-    "full layer-0 weights": ((), {"PROFILE_LAYER0": True}),  # weights and cache from L2: no HBM streaming
-    "barriers layer-0": ((0, 1, 2), {"PROFILE_LAYER0": True}),
-    # Two or three programs per SM (session 4, at its 4 warps and 128-slot steps; 8 warps do not fit twice)
-    "full 264 programs": ((), {"PERSISTENT_PROGRAMS": 264, **S4}),
-    "full 264 programs 8 warps": ((), {"PERSISTENT_PROGRAMS": 264, "PERSISTENT_WARPS": 8}),
-    "full 396 programs": ((), {"PERSISTENT_PROGRAMS": 396, **S4}),
-    "ffn only 264 programs": ((0, 1), {"PERSISTENT_PROGRAMS": 264, **S4}),
-    "attention+o_proj only 264 programs": ((0, 2), {"PERSISTENT_PROGRAMS": 264, **S4}),
+OLD_LAUNCH = {"persistent_warps": 4, "attn_block": 128}  # the launch before 8 warps and 256-slot steps
+OLD_KERNEL = {"qkv_tags": False, "ffn_rows": 16, "kv_upto_index": False}  # before tags, spread FFN, upto-index
+# name -> KernelConfig fields; profile_skip: phase positions whose work is skipped (qkv, attention+o_proj, FFN)
+VARIANTS = {
+    "full": {},
+    "barriers only": {"profile_skip": (0, 1, 2)},
+    "qkv only": {"profile_skip": (1, 2)},
+    "attention+o_proj only": {"profile_skip": (0, 2)},
+    "ffn only": {"profile_skip": (0, 1)},
+    "ffn 8 rows": {"profile_skip": (0, 1), "ffn_rows": 8},
+    "full 8 warps": {"persistent_warps": 8},
+    "full 8 warps attn 256": {"persistent_warps": 8, "attn_block": 256},  # the whole cache prefetched
+    "full 4 warps attn 128": OLD_LAUNCH,
+    "full kv at barrier": {"early_kv": False},  # the cache block loaded at the barrier
+    # The defaults, each turned back (and all: the older kernel)
+    "full older kernel": OLD_KERNEL,
+    "full qkv barrier": {"qkv_tags": False},  # a grid barrier after q/k/v, not tagged words
+    "full ffn 16 rows": {"ffn_rows": 16},  # 96 FFN items of 16 rows, not 128 of 12
+    "full kv whole cache": {"kv_upto_index": False},  # cached K/V read past the index too
+    # L2 prefetch of the next phase's weights by the programs idle in a phase (default: in every
+    # phase, 512 lines per step): off, during attention only, other steps; 16 warps
+    "full no idle prefetch": {"idle_prefetch": ""},
+    "full idle prefetch ffn": {"idle_prefetch": "ffn"},
+    "full prefetch 4096 lines": {"prefetch_lines": 4096},  # a share at once (up to 4096 lines)
+    "full prefetch 256 lines": {"prefetch_lines": 256},
+    "full 16 warps": {"persistent_warps": 16},
+    "full layer-0 weights": {"profile_layer0": True},  # weights and cache from L2: no HBM streaming
+    "barriers layer-0": {"profile_skip": (0, 1, 2), "profile_layer0": True},
+    # Two or three programs per SM (at 4 warps and 128-slot steps; 8 warps do not fit twice)
+    "full 264 programs": {"programs": 264, **OLD_LAUNCH},
+    "full 264 programs 8 warps": {"programs": 264, "persistent_warps": 8},
+    "full 396 programs": {"programs": 396, **OLD_LAUNCH},
+    "ffn only 264 programs": {"profile_skip": (0, 1), "programs": 264, **OLD_LAUNCH},
+    "attention+o_proj only 264 programs": {"profile_skip": (0, 2), "programs": 264, **OLD_LAUNCH},
 }
+
+
+def variant(name: str, **more) -> kernels.KernelConfig:
+  """The KernelConfig of a named variant (plus `more` fields)."""
+  return kernels.KernelConfig(**{**VARIANTS[name], **more})
 
 
 def inputs(layers: int, D: int, N: int, K: int, H: int, F: int, S: int, idx: int):
@@ -87,14 +94,14 @@ SEGMENTS = {"data in": "data in", "half way": "half way", "result": "result", "a
             "barrier": "left"}
 
 
-def timeline(p, kv, h, cos, sin, mask, idx: int, N: int, K: int, calls: int = 3) -> dict:
-  """Per phase, cycles from leaving the previous barrier to each timeline point of
-  `decode_segment(timeline=True)`, of the last of `calls` calls (the first ones compile and warm
-  up): median over layers of the median program and of the slowest."""
-  jax.clear_caches()  # the knobs are not part of the jit cache's keys
-  flags = kernels.sync_flags(kernels.persistent_programs())
+def timeline(p, kv, h, cos, sin, mask, idx: int, N: int, K: int, cfg: kernels.KernelConfig, calls: int = 3) -> dict:
+  """Per phase, cycles from leaving the previous barrier to each timeline point of `decode_segment`
+  built with `cfg` plus timeline=True, of the last of `calls` calls (the first ones compile and
+  warm up): median over layers of the median program and of the slowest."""
+  cfg = dataclasses.replace(cfg, timeline=True)
+  flags = kernels.sync_flags(kernels.persistent_programs(cfg))
   seg = jax.jit(functools.partial(kernels.decode_segment, attn_kind="gqa", ffn_kind="swiglu", num_heads=N,
-                                  num_kv_heads=K, timeline=True), donate_argnums=(2,))
+                                  num_kv_heads=K, cfg=cfg), donate_argnums=(2,))
   kv = jax.tree.map(jnp.copy, kv)
   for i in range(calls):
     t = time.perf_counter()
@@ -136,18 +143,15 @@ def main(argv=None) -> dict:
   p, kv, h, cos, sin, mask = inputs(args.layers, D, N, K, H, F, S, idx)
   res = {"device": jax.devices()[0].device_kind, "layers": args.layers, "shape": args.shape, "rows": {}}
   for name in args.variants.split(","):
-    skip, knobs = VARIANTS[name]
-    saved = {k: getattr(kernels, k) for k in knobs}
-    for k, v in {**knobs, "PROFILE_SKIP": frozenset(skip)}.items():
-      setattr(kernels, k, v)
-    flags = kernels.sync_flags(kernels.persistent_programs())
+    cfg = variant(name)
+    flags = kernels.sync_flags(kernels.persistent_programs(cfg))
 
     @functools.partial(jax.jit, donate_argnums=(1, 2))
     def loop(h, kv, flags, start):
       def body(i, c):  # index grows by one per call, as in decoding (barrier epochs derive from it)
         h, kv, flags = c
         return kernels.decode_segment(h, p, kv, flags, cos, sin, mask, start + i, attn_kind="gqa",
-                                      ffn_kind="swiglu", num_heads=N, num_kv_heads=K)
+                                      ffn_kind="swiglu", num_heads=N, num_kv_heads=K, cfg=cfg)
       return jax.lax.fori_loop(0, args.reps, body, (h, kv, flags))
 
     try:  # each run: fresh barrier flags (epochs restart with them), the same cache slots
@@ -156,21 +160,18 @@ def main(argv=None) -> dict:
       first = time.perf_counter() - t0
       ts = []
       for _ in range(args.runs):
-        fresh = kernels.sync_flags(kernels.persistent_programs())
+        fresh = kernels.sync_flags(kernels.persistent_programs(cfg))
         t = time.perf_counter()
         state = jax.block_until_ready(loop(h, state[1], fresh, jnp.int32(idx)))
         ts.append(time.perf_counter() - t)
       us = float(np.median(ts)) / args.reps * 1e6
       row = {"us_per_call": us, "us_per_layer": us / args.layers, "compile_s": first,
              "barrier_timeouts": int(kernels.sync_timeouts(state[2]))}
-      if args.timeline and not skip:
+      if args.timeline and not cfg.profile_skip:
         print(f"{name}:")
-        row["timeline"] = timeline(p, kv, h, cos, sin, mask, idx, N, K)
+        row["timeline"] = timeline(p, kv, h, cos, sin, mask, idx, N, K, cfg)
     except Exception as e:
       row = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
-    finally:
-      for k, v in {**saved, "PROFILE_SKIP": frozenset()}.items():
-        setattr(kernels, k, v)
     res["rows"][name] = row
     print(f"{name:22s}" + (f"{row['us_per_call']:9.1f} us/call {row['us_per_layer']:7.2f} us/layer  timeouts "
                            f"{row['barrier_timeouts']}" if "error" not in row else row["error"]), flush=True)

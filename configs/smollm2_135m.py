@@ -111,7 +111,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export.checkpoint = "child"  # what to export: "parent", "child" or a checkpoint path.
   c.export.out_dir = ""  # "" = <workdir>/export/<checkpoint>.
   c.export.dtype = "bfloat16"  # safetensors dtype.
+  c.export.engine = "transformers"  # serving target: "transformers" (shipped code), "vllm" or "trtllm";
+  #   the MIP forbids variants the engine cannot load and export refuses them (puzzle_jax.export.engines).
   c.export.mxfp4 = False  # gpt-oss children: expert matrices repacked to MXFP4 (*_blocks / *_scales).
+
+  c.fusion = ml_collections.ConfigDict()  # FFN Fusion / block parallelism (puzzle_jax.fusion)
+  c.fusion.checkpoint = "parent"  # model analysed by fusion-deps: "parent", "child" or a checkpoint path.
+  c.fusion.start = 0  # first layer of the analysed window.
+  c.fusion.stop = 0  # one past its last layer (0 = the last layer).
+  c.fusion.num_seqs = 4  # calibration sequences (data.train_split).
+  c.fusion.seq_len = 128  # their length.
+  c.fusion.batch_size = 2  # sequences per forward.
+  c.fusion.threshold = 0.05  # proposed runs: every pair's dependency (cosine distance) <= this.
+  c.fusion.max_run = 8  # longest proposed run.
 
   # gpt-oss-puzzle test bed (issue 25): sparse-upcycle the dense parent into a gpt-oss-shaped MoE
   # (each FFN split into experts along its channels, router + experts fitted by BLD to the dense FFN).
@@ -142,6 +154,7 @@ def _grow(c: ml_collections.ConfigDict) -> None:
   c.costs.batch, c.costs.prompt_len, c.costs.gen_len = 64, 512, 256
   c.library.windows = (128,)
   c.upcycle.steps, c.upcycle.batch_tokens, c.upcycle.calib_seqs, c.upcycle.seq_len = 300, 1024, 32, 512
+  c.fusion.num_seqs, c.fusion.seq_len, c.fusion.batch_size = 32, 512, 8
 
 
 def _shrink(c: ml_collections.ConfigDict) -> None:
@@ -155,6 +168,7 @@ def _shrink(c: ml_collections.ConfigDict) -> None:
   c.eval.num_seqs, c.eval.seq_len, c.eval.batch_size = 2, 32, 2
   c.costs.batch, c.costs.prompt_len, c.costs.gen_len, c.costs.repeats = 2, 16, 8, 2
   c.generate.max_new_tokens = 8
+  c.fusion.num_seqs, c.fusion.seq_len = 2, 32
   c.mip.target_decode_speedup = 1.2
   c.mip.pareto_speedups = (1.1, 1.2, 1.5)
   c.upcycle.steps, c.upcycle.batch_tokens, c.upcycle.calib_seqs, c.upcycle.seq_len = 10, 64, 2, 32

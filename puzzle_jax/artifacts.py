@@ -75,14 +75,10 @@ def fingerprint(obj: Any) -> str:
   return hashlib.sha256(json.dumps(canonical(obj), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any) -> dict[str, Any]:
   """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-  if not isinstance(d, dict):
-    return {prefix: d}
-  out: dict[str, Any] = {}
-  for k, v in d.items():
-    out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-  return out
+  from flax import traverse_util
+  return traverse_util.flatten_dict(d, sep=".") if isinstance(d, dict) else {"": d}
 
 
 def diff(old: Any, new: Any) -> list[str]:

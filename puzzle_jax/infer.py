@@ -27,7 +27,12 @@ Same semantics as `puzzle_jax.core.model` (the reference: same RoPE, norms, mask
 * Small-batch decode (latency-bound: launches, not bytes, set the speed) runs on the Pallas
   kernels of `puzzle_jax.kernels` instead (`decode_impl`), on the same cache: "persistent" runs
   each run of identical blocks as one kernel (grid barriers between its phases), "pallas" each
-  block as five fused kernels (also the fallback for parallel groups under "persistent").
+  block as five fused kernels (also the fallback for parallel groups under "persistent"). Their
+  knobs are a `kernels.KernelConfig`, a static field of `InferParams` (part of jit's cache key).
+* The layout (`scan`) defaults to the fastest measured on the GPU for the model and batch
+  (`default_scan`): stacked runs where the persistent kernel decodes (it runs a stacked run as
+  one kernel), else one buffer per layer, unrolled: XLA's scan copies each layer's weights out of
+  the stack every step (BENCHMARKS.md, "Inference"). Off the GPU it scans (compile time).
 
 Axis legend: as in `puzzle_jax.core.arch` (B batch, L tokens, S cache slots, D hidden, N query heads,
 K kv heads, G = N/K, H head dim, F FFN width, V vocab), plus n = layers in a scanned run,
@@ -54,17 +59,6 @@ ATTN_IMPLS = ("auto", "cudnn", "xla")
 DECODE_IMPLS = ("auto", "persistent", "pallas", "xla")
 CUDNN_HEAD_DIMS = (64, 128)
 CACHE_MULTIPLE = kernels.BLOCK_S  # cache slots are rounded up to this (whole kernel blocks; extra slots stay masked)
-# "auto" decodes with the fused kernels where they were measured faster: one row (each row's
-# programs re-read the weights; batches > 1 are untimed on the GPU, so they stay on XLA), hidden
-# sizes up to FUSED_MAX_HIDDEN (at Llama-8B shapes XLA's own matrix-vector products already stream
-# weights at ~2.9 TB/s and the kernels measured slower: BENCHMARKS.md).
-FUSED_MAX_BATCH = 1
-FUSED_MAX_HIDDEN = 2048
-# "auto" runs a persistent kernel only for runs of at least this many identical blocks (shorter
-# ones: five kernels per block). H200, the 30-layer child of benchmarks/inference.py (runs of 1-5
-# blocks) in the scan layout: 282-287 us per token with 2, 309 with 1, 364 with 4, 455 with 12
-# (session 7, BENCHMARKS.md). Unrolled (scan=False), its five kernels per block took 234.
-PERSISTENT_MIN_RUN = 2
 
 
 # ----------------------------------------------------------------------------- params
@@ -99,10 +93,10 @@ def _same_spec(a: BlockSpec, b: BlockSpec) -> bool:
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["embed_VxD", "head_VxD", "norm_D", "blocks"],
-                   meta_fields=["arch", "plan", "attn_impl", "decode_impl"])
+                   meta_fields=["arch", "plan", "attn_impl", "decode_impl", "kernel_config"])
 @dataclasses.dataclass(frozen=True)
 class InferParams:
-  """Inference weights (a pytree; `arch`, `plan`, `attn_impl` and `decode_impl` are static)."""
+  """Inference weights (a pytree; `arch`, `plan`, `attn_impl`, `decode_impl`, `kernel_config`: static)."""
   embed_VxD: jax.Array
   head_VxD: jax.Array  # the embedding itself when tied
   norm_D: jax.Array
@@ -112,19 +106,47 @@ class InferParams:
   plan: tuple[Segment, ...]
   attn_impl: str = "auto"
   decode_impl: str = "auto"
+  kernel_config: kernels.KernelConfig = kernels.DEFAULT
 
   @property
   def dtype(self) -> jnp.dtype:
     return self.embed_VxD.dtype
 
 
-def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool = True,
-            attn_impl: str = "auto", decode_impl: str = "auto") -> InferParams:
+def _fast_decode(arch: Arch, dtype, batch: int, cfg: kernels.KernelConfig, backend: str | None = None) -> bool:
+  """Whether decode_impl="auto" takes the kernels: where they were measured faster than XLA (one
+  row on the GPU, hidden sizes up to `cfg.fused_max_hidden`, half-precision activations)."""
+  return ((backend or jax.default_backend()) in cfg.fused_backends and batch <= cfg.fused_max_batch
+          and arch.hidden_size <= cfg.fused_max_hidden and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+def default_scan(arch: Arch, dtype, batch: int | None = None, decode_impl: str = "auto",
+                 cfg: kernels.KernelConfig = kernels.DEFAULT, backend: str | None = None) -> bool:
+  """The faster layout for decoding `batch` rows (None: 1): stacked runs (scan) where the persistent
+  kernel will decode them and they are long (`cfg.scan_min_mean_run` blocks on average), unrolled
+  per-layer buffers on the GPU otherwise (XLA's scan copies each layer's weights out of the stack
+  every step: BENCHMARKS.md, "Inference"); off the GPU, scan (there compile time, not decode speed,
+  dominates). `backend`: default, JAX's default backend."""
+  backend = backend or jax.default_backend()
+  if backend != "gpu" or decode_impl == "persistent":
+    return True
+  mean_run = arch.num_layers / max(len(plan_segments(arch, scan=True)), 1)
+  return (decode_impl == "auto" and _fast_decode(arch, dtype, batch or 1, cfg, backend)
+          and mean_run >= cfg.scan_min_mean_run)
+
+
+def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool | None = None, batch: int | None = None,
+            attn_impl: str = "auto", decode_impl: str = "auto",
+            kernel_config: kernels.KernelConfig = kernels.DEFAULT) -> InferParams:
   """`model` params (HF layout) -> `InferParams`: cast, transposed, fused, runs stacked.
 
+  `scan`: stack runs of identical blocks (one `lax.scan` or one persistent kernel per run) or keep
+  a buffer per layer (unrolled); None: `default_scan` for `batch` rows (the decode batch the
+  caller will use most; None: 1). `kernel_config`: the kernels' knobs (static).
+
   `attn_impl`: "auto" (cuDNN on GPU where it applies, else XLA), "cudnn" or "xla".
-  `decode_impl`: "auto" ("persistent" on GPU for batches of at most FUSED_MAX_BATCH rows and
-  hidden sizes up to FUSED_MAX_HIDDEN, for runs of at least PERSISTENT_MIN_RUN blocks, the five
+  `decode_impl`: "auto" ("persistent" on GPU for batches of at most `fused_max_batch` rows and
+  hidden sizes up to `fused_max_hidden`, for runs of at least `min_run` blocks, the five
   kernels for shorter runs; XLA otherwise; `generate` decodes again with "pallas" if a barrier wait
   timed out), "pallas" (five kernels per block), "persistent" (one Pallas kernel per
   run of identical blocks, grid barriers between phases; best with `scan=True`, which stacks a run
@@ -136,6 +158,11 @@ def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool = True
     raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
   if decode_impl not in DECODE_IMPLS:
     raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+  if kernel_config.timeline:
+    raise ValueError("prepare: KernelConfig(timeline=True) is a profiling build of decode_segment alone "
+                     "(benchmarks/segment_profile.py); infer needs timeline=False")
+  if scan is None:
+    scan = default_scan(arch, dtype, batch, decode_impl, kernel_config)
   plan = plan_segments(arch, scan)
   layers = params["model"]["layers"]
 
@@ -153,7 +180,7 @@ def prepare(arch: Arch, params: Params, dtype=jnp.bfloat16, *, scan: bool = True
   embed = jnp.asarray(params["model"]["embed_tokens"]["weight"], dtype)
   head = embed if arch.tie_embeddings else jnp.asarray(params["lm_head"]["weight"], dtype)
   return InferParams(embed, head, jnp.asarray(params["model"]["norm"]["weight"], dtype), tuple(blocks),
-                     arch, plan, attn_impl, decode_impl)
+                     arch, plan, attn_impl, decode_impl, kernel_config)
 
 
 def _stack(blocks: list[Params]) -> Params:
@@ -326,23 +353,23 @@ def _fusable(p: Params, spec: BlockSpec, arch: Arch) -> bool:
 
 def _fused_block(p: Params, h_BxLxD, spec: BlockSpec, ip: InferParams, ctx: _Ctx, kv, i):
   """The decode block in five kernels (see `puzzle_jax.kernels`); same results as `_block`."""
-  arch, eps = ip.arch, ip.arch.rms_eps
+  arch, eps, cfg = ip.arch, ip.arch.rms_eps, ip.kernel_config
   h = h_BxLxD[:, 0]
   a, f = spec.attn, spec.ffn
   if a.kind == "linear":
-    h = kernels.matmul(h, p["wa_DxD"], norm_D=p["attn_norm_D"], eps=eps, residual_BxN=h)
+    h = kernels.matmul(h, p["wa_DxD"], norm_D=p["attn_norm_D"], eps=eps, residual_BxN=h, cfg=cfg)
   elif a.kind == "gqa":
-    qkv = kernels.matmul(h, p["wqkv_ExD"], norm_D=p["attn_norm_D"], eps=eps)
+    qkv = kernels.matmul(h, p["wqkv_ExD"], norm_D=p["attn_norm_D"], eps=eps, cfg=cfg)
     parts, k, v = kernels.decode_attention(qkv, ctx.cos[:, 0], ctx.sin[:, 0], ctx.kmasks[a.window], kv["k"],
                                            kv["v"], i, ctx.index, num_heads=arch.num_heads,
-                                           num_kv_heads=a.num_kv_heads)
+                                           num_kv_heads=a.num_kv_heads, cfg=cfg)
     kv = {"k": k, "v": v}
-    h = kernels.attn_out(parts, p["wo_DxA"], h)
+    h = kernels.attn_out(parts, p["wo_DxA"], h, cfg=cfg)
   if f.kind == "linear":
-    h = kernels.matmul(h, p["wf_DxD"], norm_D=p["ffn_norm_D"], eps=eps, residual_BxN=h)
+    h = kernels.matmul(h, p["wf_DxD"], norm_D=p["ffn_norm_D"], eps=eps, residual_BxN=h, cfg=cfg)
   elif f.kind == "swiglu":
-    act = kernels.matmul(h, p["wgu_2xFxD"], norm_D=p["ffn_norm_D"], eps=eps, swiglu=True)
-    h = kernels.matmul(act, p["wd_DxF"], residual_BxN=h)
+    act = kernels.matmul(h, p["wgu_2xFxD"], norm_D=p["ffn_norm_D"], eps=eps, swiglu=True, cfg=cfg)
+    h = kernels.matmul(act, p["wd_DxF"], residual_BxN=h, cfg=cfg)
   return h[:, None], kv
 
 
@@ -389,7 +416,8 @@ def _persistent_run(p: Params, h_BxLxD, seg: Segment, ip: InferParams, ctx: _Ctx
   mask = ctx.kmasks[a.window] if a.kind == "gqa" else None
   h, kv, sync = kernels.decode_segment(h_BxLxD[:, 0], p, kv, sync, *ctx.rope, mask, ctx.index, attn_kind=a.kind,
                                        ffn_kind=f.kind, num_heads=ip.arch.num_heads,
-                                       num_kv_heads=a.num_kv_heads or 0, eps=ip.arch.rms_eps, pos_B=ctx.pos_B)
+                                       num_kv_heads=a.num_kv_heads or 0, eps=ip.arch.rms_eps, pos_B=ctx.pos_B,
+                                       cfg=ip.kernel_config)
   return h[:, None], kv, sync
 
 
@@ -420,11 +448,8 @@ def _decode_mode(ip: InferParams, batch: int) -> str:
   """"persistent", "pallas" or "xla" for a decode step of `batch` rows."""
   if ip.decode_impl != "auto":
     return ip.decode_impl
-  fast = (jax.default_backend() == "gpu" and batch <= FUSED_MAX_BATCH
-          and ip.arch.hidden_size <= FUSED_MAX_HIDDEN and ip.dtype in (jnp.bfloat16, jnp.float16))
-  # persistent (8 warps, 256-slot attention steps): 414-445 vs 450-458 us per SmolLM2 step on the H200
-  # (BENCHMARKS.md); runs shorter than PERSISTENT_MIN_RUN blocks still take the five kernels
-  return "persistent" if fast else "xla"
+  # runs shorter than `min_run` blocks still take the five kernels (see _decode_step)
+  return "persistent" if _fast_decode(ip.arch, ip.dtype, batch, ip.kernel_config) else "xla"
 
 
 def _attn_impl(ip: InferParams) -> str:
@@ -492,7 +517,7 @@ def init_cache(ip: InferParams, batch: int, max_len: int) -> Cache:
 
   def sync(a: AttnSpec):  # barrier flags, residual buffers, tagged q/k/v words of a run's persistent kernel
     width = kernels.qkv_width(arch.num_heads, a.num_kv_heads, arch.head_dim) if a.kind == "gqa" else 0
-    return kernels.segment_state(kernels.persistent_programs(), batch, arch.hidden_size, width)
+    return kernels.segment_state(kernels.persistent_programs(ip.kernel_config), batch, arch.hidden_size, width)
 
   # Epochs, tags and the residual buffers' rotation follow the decode step (`cache["index"]`).
   syncs = tuple(None if seg.parallel else sync(arch.blocks[seg.layers[0]].attn) for seg in ip.plan)
@@ -532,7 +557,7 @@ def _decode_step(ip: InferParams, tok_B, cache: Cache) -> tuple[jax.Array, Cache
   # The kernels never read slots at or after idx: the whole-context mask needs no update per step.
   kmasks = {w: cache["kmask"] if w is None else m.astype(jnp.int32) for w, m in masks.items()} if fused else None
   ctx = _Ctx(cos_SxH[pos_B][:, None], sin_SxH[pos_B][:, None], decode=True, index=idx, masks=masks, fused=fused,
-             persistent=mode == "persistent", min_run=PERSISTENT_MIN_RUN if ip.decode_impl == "auto" else 1,
+             persistent=mode == "persistent", min_run=ip.kernel_config.min_run if ip.decode_impl == "auto" else 1,
              kmasks=kmasks, rope=(cos_SxH, sin_SxH), pos_B=pos_B)
   h, kvs, syncs = _stack_apply(ip, jnp.take(ip.embed_VxD, tok_B[:, None], axis=0), ctx, cache["layers"],
                                cache["sync"])
@@ -611,13 +636,20 @@ def generate(ip: InferParams, tokens_BxL, mask_BxL=None, *, max_new_tokens: int,
                             temperature=float(temperature), top_p=float(top_p),
                             stop_tokens=tuple(int(t) for t in stop_tokens))
   if _decode_mode(ip, tokens.shape[0]) == "persistent" and int(timeouts):  # a host read only where barriers exist
-    if ip.decode_impl == "auto":  # chosen for speed, not asked for: decode again with the five kernels
-      warnings.warn(f"generate: {int(timeouts)} grid-barrier waits of the persistent decode kernel timed out "
-                    "(not all of its programs were resident on the GPU); decoded again with decode_impl='pallas'")
-      return generate(dataclasses.replace(ip, decode_impl="pallas"), tokens, mask, key=key,
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens)
-    raise RuntimeError(
-        f"generate: {int(timeouts)} grid-barrier waits of the persistent decode kernel timed out, so these "
-        "tokens are wrong: not all of its programs were resident on the GPU at once (kernels.PERSISTENT_PROGRAMS "
-        "above what fits, or other work holding SMs). Use decode_impl='pallas', or lower PERSISTENT_PROGRAMS.")
+    return generate(after_timeouts(ip, int(timeouts)), tokens, mask, key=key, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, stop_tokens=stop_tokens)
   return out
+
+
+def after_timeouts(ip: InferParams, timeouts: int) -> InferParams:
+  """What `generate` decodes with after `timeouts` grid-barrier waits of the persistent kernel gave
+  up (its tokens are wrong): where "auto" chose the kernel for speed, the five kernels (with a
+  warning); where "persistent" was asked for, an error."""
+  if ip.decode_impl == "auto":
+    warnings.warn(f"generate: {timeouts} grid-barrier waits of the persistent decode kernel timed out "
+                  "(not all of its programs were resident on the GPU); decoded again with decode_impl='pallas'")
+    return dataclasses.replace(ip, decode_impl="pallas")
+  raise RuntimeError(
+      f"generate: {timeouts} grid-barrier waits of the persistent decode kernel timed out, so these tokens are "
+      "wrong: not all of its programs were resident on the GPU at once (KernelConfig.programs above what fits, "
+      "or other work holding SMs). Use decode_impl='pallas', or a lower KernelConfig(programs=...).")

@@ -103,10 +103,10 @@ def library_settings(section):
   return dataclasses.replace(lib, layer_overrides={int(k): dict(v) for k, v in section.layer_overrides.items()})
 
 
-def targets(section):
+def targets(section, engine: str = "transformers"):
   from puzzle_jax.search import select
   return select.Targets(section.target_decode_speedup, section.target_prefill_speedup, section.max_memory_gb,
-                        section.max_params, section.keep_first_attn)
+                        section.max_params, section.keep_first_attn, engine)
 
 
 def parent_source(config) -> pathlib.Path:
@@ -253,11 +253,11 @@ def problem(config, paths: Paths):
   library = library_lib.load_library(paths.library)
   table = costs.load_cost_table(paths.costs, library.arch, sorted(library.keys))
   return select.build_problem(library, scoring.load_scores(paths.scores), table, config.score.metric,
-                              targets(config.mip))
+                              targets(config.mip, config.export.engine))
 
 
 @_stage("mip", "mixed-integer program: one candidate per layer under the budgets; Pareto sweep",
-        reads=("mip", "score.metric"), inputs=("bld", "score", "costs"), dirs=("mip",),
+        reads=("mip", "score.metric", "export.engine"), inputs=("bld", "score", "costs"), dirs=("mip",),
         artifact=lambda p: p.solution)
 def _mip(config, paths: Paths) -> None:
   from puzzle_jax.search import select
@@ -286,7 +286,8 @@ def _realize(config, paths: Paths) -> None:
 
 
 @_stage("evaluate", "perplexity, KL, top-1: parent vs MIP child vs same-cost baselines over the sweep",
-        reads=("eval", "mip", "score.metric") + _DATA, inputs=("import", "upcycle", "bld", "score", "costs", "mip"),
+        reads=("eval", "mip", "score.metric", "export.engine") + _DATA,
+        inputs=("import", "upcycle", "bld", "score", "costs", "mip"),
         dirs=("report",), artifact=lambda p: p.report, ignore=_DATA_IGNORE + ("eval.batch_size",))
 def _evaluate(config, paths: Paths) -> None:
   from puzzle_jax.search import evaluate, library as library_lib
@@ -520,7 +521,7 @@ def export(config) -> pathlib.Path:
   """The parent, the child or a checkpoint -> HF directory (refuses a directory it did not create)."""
   import warnings
   from puzzle_jax.core import hf_gpt_oss
-  from puzzle_jax.export import gpt_oss_puzzle, nemotron_nas
+  from puzzle_jax.export import engines, gpt_oss_puzzle, nemotron_nas
   which = config.export.checkpoint
   arch, params = resolve_checkpoint(config, which)
   out = pathlib.Path(config.export.out_dir or Paths.from_config(config).root / "export" / pathlib.Path(which).name)
@@ -532,14 +533,47 @@ def export(config) -> pathlib.Path:
       raise UserError(f"export: {e}") from None
     print(f"export (gpt_oss_puzzle): {which} -> {path}")
     return path
-  for issue in nemotron_nas.check_nemotron_nas_config(arch.to_hf_config()):
-    warnings.warn(f"vLLM/TensorRT-LLM compatibility: {issue}")
+  engine = config.export.engine
+  if engine == "transformers":
+    for issue in nemotron_nas.check_nemotron_nas_config(arch.to_hf_config()):
+      warnings.warn(f"vLLM/TensorRT-LLM compatibility (set export.engine to check strictly): {issue}")
   try:
-    path = nemotron_nas.export(arch, params, out, tokenizer=tokenizer_for(config), dtype=config.export.dtype)
-  except FileExistsError as e:
+    path = nemotron_nas.export(arch, params, out, tokenizer=tokenizer_for(config), dtype=config.export.dtype,
+                               engine=engine)
+  except (FileExistsError, engines.EngineError) as e:
     raise UserError(f"export: {e}") from None
+  # for_engine checked the arch; this checks the written file against the loader rules.
+  problems = nemotron_nas.check_engine_config(artifacts.read_json(path / nemotron_nas.CONFIG_FILE), engine)
+  if problems:
+    raise UserError(f"export: {path / nemotron_nas.CONFIG_FILE} fails {engine}'s loader rules: {problems}")
   print(f"export: {which} -> {path}")
   return path
+
+
+def fusion_deps(config) -> pathlib.Path:
+  """`fusion-deps`: pairwise block dependency on calibration text, heatmap and proposed runs, for the
+  parent, the child or a checkpoint (`fusion` section) -> <workdir>/fusion/deps.{json,png}."""
+  from puzzle_jax.fusion import deps
+  validate_or_raise(config)
+  f = config.fusion
+  paths = Paths.from_config(config)
+  arch, params = resolve_checkpoint(config, f.checkpoint)
+  s = settings(deps.DepsSettings, f)
+  tokens = heldout_tokens(config, paths, tokenizer_for(config), f.num_seqs, f.seq_len, split=config.data.train_split)
+  dep = deps.dependency_matrix(arch, params, tokens, s)
+  window = deps.window_layers(arch, s)
+  runs = deps.propose_runs(dep, s.threshold, s.max_run, start=window[0])
+  fusable = deps.propose_runs(dep, s.threshold, s.max_run, start=window[0],
+                              allowed=[arch.blocks[i].attn.kind == "noop" for i in window])
+  out = paths.root / "fusion" / "deps.json"
+  artifacts.write_json(out, {"checkpoint": f.checkpoint, "window": window, "threshold": s.threshold,
+                             "dep": [[None if np.isnan(v) else float(v) for v in row] for row in dep],
+                             "parallel_runs": runs, "fusable_ffn_runs": fusable})
+  deps.plot_heatmap(dep, window[0], out.with_name("deps.png"), runs,
+                    title=f"block dependency, {f.checkpoint} (runs at <= {s.threshold})")
+  print(f"fusion-deps: window {window[0]}..{window[-1]}, proposed parallel runs {runs}, "
+        f"fusable FFN runs {fusable} -> {out}")
+  return out
 
 
 def run_all(config, rerun_from: str | None = None) -> Paths:
@@ -586,6 +620,8 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
     "plan": ("what is done, what would run, and its estimated time and memory here", lambda c, **kw: plan(c)),
     "generate": ("prompt -> text with the parent, the child or any checkpoint", lambda c, **kw: generate(c)),
     "export": ("parent / child / checkpoint -> HF nemotron-nas directory", lambda c, **kw: export(c)),
+    "fusion-deps": ("block dependency matrix, heatmap and proposed parallel / fused runs",
+                    lambda c, **kw: fusion_deps(c)),
 }
 
 
@@ -596,18 +632,20 @@ _ENUMS = {
     "costs.backend": ("measure", "analytic"),
     "bld.init": ("parent", "random"),
     "parent.dtype": _FLOATS, "costs.dtype": _FLOATS, "export.dtype": _FLOATS,
+    "export.engine": ("transformers", "vllm", "trtllm"),
     "costs.kv_dtype": _FLOATS + ("fp8", "float8_e4m3fn", "int8"),
 }
 _POSITIVE_INTS = ("bld.steps", "bld.batch_size", "bld.seq_len", "bld.checkpoint_every", "bld.calib_batches",
                   "bld.eval_batches", "score.num_seqs", "score.seq_len", "score.batch_size",
                   "score.candidate_chunk", "costs.batch", "costs.prompt_len", "costs.gen_len", "costs.repeats",
                   "eval.num_seqs", "eval.seq_len", "eval.batch_size", "generate.max_new_tokens",
-                  "library.ffn_multiple", "mip.num_solutions", "library.ep_size", "upcycle.top_k",
-                  "upcycle.steps", "upcycle.batch_tokens", "upcycle.calib_seqs", "upcycle.seq_len")
-_NON_NEGATIVE = ("upcycle.num_experts", "bld.warmup_steps", "bld.weight_decay", "bld.ridge", "parent.max_layers", "mip.max_params",
+                  "library.ffn_multiple", "mip.num_solutions", "fusion.num_seqs", "fusion.seq_len",
+                  "fusion.batch_size", "fusion.max_run", "library.ep_size", "upcycle.top_k", "upcycle.steps",
+                  "upcycle.batch_tokens", "upcycle.calib_seqs", "upcycle.seq_len")
+_NON_NEGATIVE = ("bld.warmup_steps", "bld.weight_decay", "bld.ridge", "parent.max_layers", "mip.max_params",
                  "mip.target_decode_speedup", "mip.target_prefill_speedup", "mip.max_memory_gb",
-                 "generate.temperature")
-_POSITIVE = ("upcycle.lr", "bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps")
+                 "generate.temperature", "fusion.start", "fusion.stop", "fusion.threshold", "upcycle.num_experts")
+_POSITIVE = ("bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps", "upcycle.lr")
 _MESH_AXES = ("candidate", "data")
 
 
@@ -688,6 +726,7 @@ def _path_problems(config) -> list[str]:
                     "or give the absolute path of data/wikitext2)")
   errors += _checkpoint_problem("generate.checkpoint", config.generate.checkpoint)
   errors += _checkpoint_problem("export.checkpoint", config.export.checkpoint)
+  errors += _checkpoint_problem("fusion.checkpoint", config.fusion.checkpoint)
   if config.export.out_dir and config.parent.path:
     out, src = pathlib.Path(config.export.out_dir).resolve(), pathlib.Path(config.parent.path).resolve()
     if out == src or src.is_relative_to(out) or out.is_relative_to(src):

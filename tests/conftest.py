@@ -42,6 +42,15 @@ def smollm2_parent(smollm2_gguf):
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+  """The same GGUF loaded by transformers itself (float32): the independent reference."""
+  import torch
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def smollm2_small(smollm2_parent):
   """The real parent's first 4 blocks + its real embedding / head: fast, still real weights."""
   from puzzle_jax.core import model

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from puzzle_jax import infer, io, kernels
+from puzzle_jax import infer, kernels
+from puzzle_jax.kernels import persistent
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import Arch, AttnSpec, BlockSpec, FFNSpec, uniform_arch
 
@@ -154,7 +155,7 @@ def test_persistent_decode_long_cache(max_len, prompt):
   """The persistent kernel's attention steps cover the whole cache: 256-slot steps where they
   divide it (512: two, the second loaded in the loop), else 128 (384: three). Decode logits past
   the first step equal XLA's."""
-  assert [kernels._attn_block(s) for s in (128, 256, 384, 512)] == [128, 256, 128, 256]
+  assert [persistent._attn_block(s, 256) for s in (128, 256, 384, 512)] == [128, 256, 128, 256]
   arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                       intermediate_size=128, head_dim=32)
   params = model.init_params(jax.random.PRNGKey(0), arch)
@@ -172,21 +173,20 @@ def test_persistent_decode_long_cache(max_len, prompt):
   np.testing.assert_allclose(out["persistent"], out["xla"], rtol=1e-4, atol=1e-4)
 
 
-def test_persistent_ffn_rows_spread_over_programs(monkeypatch):
+def test_persistent_ffn_rows_spread_over_programs():
   """FFN items need not be powers of two: 1536 rows over 132 SMs are 128 items of 12 rows (16-row
   tiles, 4 masked) instead of 96 of 16. Interpreted with 12-row items over a 96-wide FFN (8 items
   in 16-row tiles; the last tile runs past the gate rows into the up rows and past the array's
   end, masked): decode logits equal XLA's."""
-  assert kernels._ffn_rows(1536, 132) == 12 and kernels._ffn_rows(14336, 132) == 64
-  assert kernels._ffn_rows(1536, 1) == kernels._row_block(1536, 1)
-  monkeypatch.setattr(kernels, "PERSISTENT_FFN_ROWS", 12)
+  assert persistent._ffn_rows(1536, 132) == 12 and persistent._ffn_rows(14336, 132) == 64
+  assert persistent._ffn_rows(1536, 1) == persistent._row_block(1536, 1)
   arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                       intermediate_size=96, head_dim=32)
   params = model.init_params(jax.random.PRNGKey(0), arch)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 10), 0, 64)
   out = {}
   for impl in ("persistent", "xla"):
-    ip = infer.prepare(arch, params, jnp.float32, decode_impl=impl)
+    ip = infer.prepare(arch, params, jnp.float32, decode_impl=impl, kernel_config=kernels.KernelConfig(ffn_rows=12))
     _, cache = infer.prefill_cache(ip, tokens[:, :8], None, max_len=128)
     steps = []
     for t in (8, 9):
@@ -196,54 +196,49 @@ def test_persistent_ffn_rows_spread_over_programs(monkeypatch):
   np.testing.assert_allclose(out["persistent"], out["xla"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("layers,persistent_kernels", [(2, 0), (3, 1)])
-def test_auto_decode_uses_persistent_kernels_for_long_runs_only(monkeypatch, layers, persistent_kernels):
-  """decode_impl="auto" where it picks the persistent kernel (the GPU, patched in here) runs it
-  only for runs of at least PERSISTENT_MIN_RUN identical blocks; shorter runs take the five
-  kernels (a persistent kernel's start costs more than it saves there). "persistent" asked for
-  explicitly runs it for every run."""
+# "auto" on the CPU as it is on the GPU: the interpreted kernels for one half-precision row.
+AUTO_HERE = kernels.KernelConfig(fused_backends=(jax.default_backend(),), min_run=3)
+
+
+def _step_jaxpr(ip, cache) -> str:
+  return str(jax.make_jaxpr(infer.decode_step)(ip, jnp.ones((1,), jnp.int32), cache))
+
+
+@pytest.mark.parametrize("layers,auto_kernels", [(2, 5), (3, 1)])  # 2: five kernels in the scan body
+def test_auto_decode_uses_persistent_kernels_for_long_runs_only(layers, auto_kernels):
+  """decode_impl="auto" where it picks the persistent kernel (the CPU, by `fused_backends`) runs it
+  only for runs of at least `min_run` identical blocks; shorter runs take the five kernels (a
+  persistent kernel's start costs more than it saves there). "persistent" asked for explicitly
+  runs it for every run; float32 (or a wider batch) under "auto" stays on XLA."""
   arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=layers, num_heads=2, num_kv_heads=1,
                       intermediate_size=128, head_dim=32)
   params = model.init_params(jax.random.PRNGKey(0), arch)
-  monkeypatch.setattr(infer, "PERSISTENT_MIN_RUN", 3)
-  monkeypatch.setattr(infer, "_decode_mode", lambda ip, batch: "persistent" if ip.decode_impl == "auto"
-                      else ip.decode_impl)
-  calls, segment = [], kernels.decode_segment
-  monkeypatch.setattr(kernels, "decode_segment", lambda *a, **k: calls.append(1) or segment(*a, **k))
-  for impl, want in (("auto", persistent_kernels), ("persistent", 1)):
-    ip = infer.prepare(arch, params, jnp.float32, decode_impl=impl)
+  # Pallas kernels in one decode step's jaxpr: 5 per (scanned) block, or 1 per persistent run
+  for impl, dtype, want in (("auto", jnp.bfloat16, auto_kernels), ("persistent", jnp.bfloat16, 1),
+                            ("auto", jnp.float32, 0)):
+    ip = infer.prepare(arch, params, dtype, decode_impl=impl, kernel_config=AUTO_HERE)
     _, cache = infer.prefill_cache(ip, jnp.ones((1, 4), jnp.int32), None, max_len=8)
-    calls.clear()
-    jax.clear_caches()
-    jax.eval_shape(infer.decode_step, ip, jnp.ones((1,), jnp.int32), cache)
-    assert len(calls) == want, (impl, layers, len(calls))
-  jax.clear_caches()
+    assert _step_jaxpr(ip, cache).count("pallas_call") == want, (impl, dtype, layers)
 
 
-def test_persistent_generate_raises_on_barrier_timeouts(monkeypatch):
+def test_persistent_generate_raises_on_barrier_timeouts():
   """A persistent kernel whose programs were not all resident (barrier waits gave up) decodes
-  wrong tokens: generate says so instead of returning them. Timeouts are simulated here (the
-  interpreter runs one program, no barriers)."""
+  wrong tokens: generate does not return them. Asked for, it raises; chosen by "auto", it decodes
+  again with the five kernels, and says so (timeouts cannot happen in the interpreter's single
+  program: `after_timeouts` is what generate calls when they do)."""
   arch = uniform_arch(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                       intermediate_size=128, head_dim=32)
   ip = infer.prepare(arch, model.init_params(jax.random.PRNGKey(0), arch), jnp.float32, decode_impl="persistent")
   tokens = jnp.ones((1, 4), jnp.int32)
   assert infer.generate(ip, tokens, max_new_tokens=2).shape == (1, 2)
-  monkeypatch.setattr(kernels, "sync_timeouts", lambda sync, real=kernels.sync_timeouts: real(sync) + 3)
-  jax.clear_caches()
   with pytest.raises(RuntimeError, match="grid-barrier waits .* timed out"):
-    infer.generate(ip, tokens, max_new_tokens=2)
-  # "auto" picks the persistent kernel on the GPU (patched in here): it decodes again with the five
-  # kernels instead, and says so.
+    infer.after_timeouts(ip, 3)
   auto = dataclasses.replace(ip, decode_impl="auto")
-  monkeypatch.setattr(infer, "_decode_mode", lambda ip, batch: "persistent" if ip.decode_impl == "auto"
-                      else ip.decode_impl)
-  jax.clear_caches()
   with pytest.warns(UserWarning, match="decoded again with decode_impl='pallas'"):
-    got = infer.generate(auto, tokens, max_new_tokens=3)
-  np.testing.assert_array_equal(got, infer.generate(dataclasses.replace(ip, decode_impl="xla"), tokens,
-                                                    max_new_tokens=3))
-  jax.clear_caches()
+    retry = infer.after_timeouts(auto, 3)
+  assert retry.decode_impl == "pallas"
+  np.testing.assert_array_equal(infer.generate(retry, tokens, max_new_tokens=3),
+                                infer.generate(dataclasses.replace(ip, decode_impl="xla"), tokens, max_new_tokens=3))
 
 
 def test_prepare_rejects_unknown_decode_impl(hetero):
@@ -252,16 +247,16 @@ def test_prepare_rejects_unknown_decode_impl(hetero):
     infer.prepare(arch, params, decode_impl="triton")
 
 
-def test_smollm2_real_weights_match_transformers(smollm2_gguf):
-  """The real parent (30 layers in one scanned run): float32 prefill logits vs transformers."""
+def test_smollm2_real_weights_match_transformers(smollm2_parent, smollm2_hf, one_torch_thread):
+  """The real parent (30 layers in one scanned run): float32 prefill logits vs transformers' own
+  load of the same GGUF."""
   import torch
-  from benchmarks.inference import hf_llama, hf_logits
-  torch.set_num_threads(1)
-  arch, params = io.load_pretrained(smollm2_gguf)
+  arch, params = smollm2_parent
   ip = infer.prepare(arch, params, jnp.float32)
   assert ip.plan == (infer.Segment(tuple(range(30))),)
   tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, arch.vocab_size), np.int32)
-  want = hf_logits(hf_llama(arch, params, "cpu"), tokens)
+  with torch.no_grad():
+    want = smollm2_hf(input_ids=torch.from_numpy(tokens)).logits.float().numpy()
   got = np.asarray(infer.prefill_logits(ip, tokens))
   assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
@@ -270,10 +265,12 @@ def test_smollm2_real_weights_match_transformers(smollm2_gguf):
 def test_benchmark_cpu_mode_runs_and_agrees(tmp_path):
   from benchmarks import inference
   res = inference.main(["--device-size", "cpu", "--model", "smollm2-random", "--runs", "2",
-                        "--variants", "scan", "--out", str(tmp_path / "bench.json")])
+                        "--variants", "scan,default", "--serving", "--out", str(tmp_path / "bench.json")])
   assert res["agreement"]["ok"], res["agreement"]
-  assert {"ours (scan)", "transformers eager"} <= set(res["rows"])
+  assert {"ours (scan)", "ours (default)", "transformers eager", "serving runner (eager)"} <= set(res["rows"])
   assert res["rows"]["ours (scan)"]["decode_b1"]["tok_s"] > 0
+  assert res["rows"]["serving runner (eager)"]["decode_b4"]["tok_s"] > 0
+  assert res["rows"]["ours (default)"]["decode_b1"]["layout"] == "scan"  # off the GPU prepare scans
   assert (tmp_path / "bench.json").exists()
 
 
@@ -282,16 +279,16 @@ def test_decode_profile_cpu_mode_agrees(tmp_path):
   float32 greedy tokens as XLA, and every implementation and knob setting gets timed."""
   from benchmarks import decode_profile
   res = decode_profile.main(["--model", "tiny", "--flags", "default", "--runs", "1",
-                             "--impls", "xla,pallas/MATMUL_WARPS=4,persistent", "--out", str(tmp_path / "p.json")])
+                             "--impls", "xla,pallas/matmul_warps=4,persistent", "--out", str(tmp_path / "p.json")])
   run = res["runs"]["default"]
   for impl in ("pallas", "persistent"):
     check = run["f32_check"][impl]
     assert check["greedy_equal"] and check["step_logits_rel_err"] < 1e-4 and check["barrier_timeouts"] == 0, check
   assert all(r["tok_s"] > 0 and "error" not in r for r in run["impls"].values()), run["impls"]
-  assert run["impls"]["pallas/MATMUL_WARPS=4"]["step_top1_equal"] and run["impls"]["persistent"]["step_top1_equal"]
+  assert run["impls"]["pallas/matmul_warps=4"]["step_top1_equal"] and run["impls"]["persistent"]["step_top1_equal"]
 
 
-def test_persistent_tagged_qkv_matches_barrier(monkeypatch):
+def test_persistent_tagged_qkv_matches_barrier():
   """bf16 persistent decoding with tagged q/k/v words (no grid barrier between q/k/v and attention,
   attention adding into the next residual buffer) gives the logits of the barrier version, and
   greedy tokens equal the five-kernel path's."""
@@ -299,25 +296,62 @@ def test_persistent_tagged_qkv_matches_barrier(monkeypatch):
                       intermediate_size=128, head_dim=32)
   params = model.init_params(jax.random.PRNGKey(0), arch)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 9), 0, 64)
-  tagged = []
-  monkeypatch.setattr(kernels, "_tagged", lambda y, tag, f=kernels._tagged: tagged.append(1) or f(y, tag))
   out = {}
   for name, tags in (("tags", True), ("barrier", False)):
-    monkeypatch.setattr(kernels, "PERSISTENT_QKV_TAGS", tags)
-    jax.clear_caches()  # the knob is not part of the jit cache's key
-    tagged.clear()
-    ip = infer.prepare(arch, params, jnp.bfloat16, decode_impl="persistent")
+    ip = infer.prepare(arch, params, jnp.bfloat16, decode_impl="persistent",
+                       kernel_config=kernels.KernelConfig(qkv_tags=tags))
     _, cache = infer.prefill_cache(ip, tokens[:, :6], None, max_len=128)
+    # tagged q/k/v words: bf16 bits or'ed with the layer's tag (no `or` in the kernel without them)
+    assert (" or " in _step_jaxpr(ip, cache)) == tags
     steps = []
     for t in range(6, 9):
       logits, cache = infer.decode_step(ip, tokens[:, t], cache)
       steps.append(np.asarray(logits, np.float32))
     out[name] = np.stack(steps)
-    assert bool(tagged) == tags
   np.testing.assert_allclose(out["tags"], out["barrier"], rtol=1e-2, atol=1e-2)
   five = infer.prepare(arch, params, jnp.bfloat16, decode_impl="pallas")
-  monkeypatch.setattr(kernels, "PERSISTENT_QKV_TAGS", True)
-  jax.clear_caches()
-  persistent = infer.prepare(arch, params, jnp.bfloat16, decode_impl="persistent")
-  np.testing.assert_array_equal(np.asarray(infer.generate(persistent, tokens, None, max_new_tokens=6)),
+  segment = infer.prepare(arch, params, jnp.bfloat16, decode_impl="persistent")
+  np.testing.assert_array_equal(np.asarray(infer.generate(segment, tokens, None, max_new_tokens=6)),
                                 np.asarray(infer.generate(five, tokens, None, max_new_tokens=6)))
+
+
+def test_core_imports_without_torch():
+  """The JAX core (package, infer, stages) imports neither torch nor transformers: they belong to
+  the `serving` extra. A subprocess with both hidden imports it."""
+  import subprocess
+  import sys
+  code = ("import importlib.abc, sys\n"
+          "class Hide(importlib.abc.MetaPathFinder):\n"
+          "  def find_spec(self, name, path=None, target=None):\n"
+          "    if name.split('.')[0] in ('torch', 'transformers'):\n"
+          "      raise ModuleNotFoundError(name + ' hidden')\n"
+          "sys.meta_path.insert(0, Hide())\n"
+          "import puzzle_jax, puzzle_jax.infer, puzzle_jax.stages, puzzle_jax.kernels, puzzle_jax.cost_table\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_default_layout_is_the_fastest_measured():
+  """On the GPU prepare stacks runs only where the persistent kernel decodes them (SmolLM2 at
+  batch 1, bf16, long runs); Llama-3.1-8B shapes at any batch and SmolLM2 at batch 64 get per-layer buffers,
+  unrolled (the scan copies each layer's weights every step). Off the GPU it always scans."""
+  small = uniform_arch(vocab_size=64, hidden_size=576, num_layers=8, num_heads=9, num_kv_heads=3,
+                       intermediate_size=1536, head_dim=64)
+  big = uniform_arch(vocab_size=64, hidden_size=4096, num_layers=2, num_heads=32, num_kv_heads=8,
+                     intermediate_size=14336, head_dim=128)
+  bf = jnp.bfloat16
+  assert infer.default_scan(small, bf, 1, backend="gpu") and infer.default_scan(small, bf, None, backend="gpu")
+  assert not infer.default_scan(small, bf, 64, backend="gpu")
+  assert not infer.default_scan(big, bf, 1, backend="gpu") and not infer.default_scan(big, bf, 64, backend="gpu")
+  assert not infer.default_scan(small, jnp.float32, 1, backend="gpu")  # float32: XLA decodes
+  assert not infer.default_scan(small, bf, 1, "xla", backend="gpu") and infer.default_scan(small, bf, 64, "persistent",
+                                                                                             backend="gpu")
+  assert all(infer.default_scan(a, bf, b, backend="cpu") for a in (small, big) for b in (1, 64))
+  # short runs (a heterogeneous child: runs of 1-2 blocks) decode faster unrolled, five kernels per block
+  mixed = dataclasses.replace(small, blocks=tuple(small.blocks[0] if i % 3 else dataclasses.replace(
+      small.blocks[0], ffn=FFNSpec("swiglu", 768)) for i in range(6)))
+  assert not infer.default_scan(mixed, bf, 1, backend="gpu")
+  two = dataclasses.replace(small, blocks=small.blocks[:2])
+  params = model.init_params(jax.random.PRNGKey(0), two)
+  assert len(infer.prepare(two, params, bf).plan) == 1  # this backend (CPU in tests): stacked
+  assert len(infer.prepare(two, params, bf, scan=False).plan) == 2

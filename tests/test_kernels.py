@@ -11,6 +11,7 @@ import pytest
 from puzzle_jax import infer, kernels
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import RopeSpec
+from puzzle_jax.kernels import decode, triton_ops
 
 RNG = np.random.default_rng(0)
 
@@ -32,6 +33,35 @@ def test_matmul_norm_residual_swiglu():
   close(kernels.matmul(x, w, norm_D=g, residual_BxN=res), res + xn @ w.T)
   gu = jnp.einsum("bd,tfd->btf", xn, w2)
   close(kernels.matmul(x, w2, norm_D=g, swiglu=True), jax.nn.silu(gu[:, 0]) * gu[:, 1])
+  # the plain-jnp reference beside the kernel computes the same (bf16 too: same rounding points)
+  for kw in ({}, {"norm_D": g, "residual_BxN": res}, {"norm_D": g, "swiglu": True}):
+    ww = w2 if kw.get("swiglu") else w
+    close(kernels.matmul(x, ww, **kw), kernels.reference_matmul(x, ww, **kw))
+    xb, wb = x.astype(jnp.bfloat16), ww.astype(jnp.bfloat16)
+    kb = {k: v.astype(jnp.bfloat16) if hasattr(v, "astype") else v for k, v in kw.items()}
+    close(kernels.matmul(xb, wb, **kb).astype(jnp.float32),
+          kernels.reference_matmul(xb, wb, **kb).astype(jnp.float32), tol=2e-2)
+
+
+def test_kernel_config_is_a_static_cache_key():
+  """Two configs that differ in a knob are two jit cache entries (no stale compile), equal configs
+  one; bad values are refused by name."""
+  a, b = kernels.KernelConfig(), kernels.KernelConfig(matmul_warps=4)
+  assert a == kernels.KernelConfig() and hash(a) == hash(kernels.KernelConfig()) and a != b
+  traces = []
+
+  @functools.partial(jax.jit, static_argnames="cfg")
+  def f(x, w, cfg):
+    traces.append(cfg)
+    return kernels.matmul(x, w, cfg=cfg)
+
+  x, w = arr(1, 64), arr(16, 64)
+  for cfg in (a, b, kernels.KernelConfig()):
+    f(x, w, cfg=cfg)
+  assert traces == [a, b]
+  assert kernels.KernelConfig(profile_skip=[1, 0]).profile_skip == frozenset({0, 1})
+  with pytest.raises(ValueError, match="barrier"):
+    kernels.KernelConfig(barrier="spin")
 
 
 def test_matmul_rejects_bad_shapes():
@@ -69,6 +99,11 @@ def test_decode_attention_and_merge_match_reference(S, idx):
   close(kernels.attn_out(parts, wo, res), res + att @ wo.T, tol=2e-5)
   close(k2, kv["k"])  # the new slot written, every other slot and layer untouched
   close(v2, kv["v"])
+  ref, kr, vr = kernels.reference_decode_attention(qkv, cos[:, 0], sin[:, 0], mask, kc, vc, layer, idx, num_heads=N,
+                                                   num_kv_heads=K)
+  close(ref, att, tol=2e-5)  # the plain-jnp reference beside the kernel: the same attention and cache
+  close(kr, kv["k"])
+  close(vr, kv["v"])
 
 
 def test_decode_attention_rejects_bad_cache():
@@ -77,15 +112,18 @@ def test_decode_attention_rejects_bad_cache():
                              arr(1, 1, 1, 40, 32), arr(1, 1, 1, 40, 32), 0, 0, num_heads=2, num_kv_heads=1)
 
 
-def test_fused_decode_lowers_to_triton(monkeypatch):
+LOWER = kernels.KernelConfig(interpret=False)  # Triton lowering on this host (no GPU needed to lower)
+
+
+def test_fused_decode_lowers_to_triton():
   """The kernels run interpreted here; lowering the whole fused generate loop for CUDA (no GPU
   needed) checks what only the GPU would otherwise catch: every op has a Triton lowering."""
   from puzzle_jax.core.arch import uniform_arch
-  monkeypatch.setattr(kernels, "_interpret", lambda: False)
   arch = uniform_arch(vocab_size=256, hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1,
                       intermediate_size=160, head_dim=64)
   params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch, jnp.bfloat16))
-  ip = jax.eval_shape(lambda p: infer.prepare(arch, p, jnp.bfloat16, scan=False, decode_impl="pallas"), params)
+  ip = jax.eval_shape(lambda p: infer.prepare(arch, p, jnp.bfloat16, scan=False, decode_impl="pallas",
+                                              kernel_config=LOWER), params)
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   lowered = jax.jit(infer._generate, static_argnames=("max_new_tokens", "temperature", "top_p", "stop_tokens")).trace(
       ip, tokens, None, jax.random.PRNGKey(0), max_new_tokens=4, temperature=0.0, top_p=1.0,
@@ -94,7 +132,7 @@ def test_fused_decode_lowers_to_triton(monkeypatch):
   assert text.count("__gpu$xla.gpu.triton") >= 2 * 5  # five kernels per layer
   S_, bf = jax.ShapeDtypeStruct, jnp.bfloat16  # the long-cache (looped chunks) attention too
   cache = S_((1, 1, 1, 1024, 64), bf)
-  jax.jit(functools.partial(kernels.decode_attention, num_heads=3, num_kv_heads=1)).trace(
+  jax.jit(functools.partial(kernels.decode_attention, num_heads=3, num_kv_heads=1, cfg=LOWER)).trace(
       S_((1, 5 * 64), bf), S_((1, 64), jnp.float32), S_((1, 64), jnp.float32), S_((1, 1024), jnp.int32),
       cache, cache, 0, S_((), jnp.int32)).lower(lowering_platforms=("cuda",))
 
@@ -106,10 +144,6 @@ def test_persistent_decode_lowers_to_triton(monkeypatch, barrier):
   from puzzle_jax.core.arch import AttnSpec, BlockSpec, FFNSpec, uniform_arch
   from jax._src.lib.triton import dialect as tt
   from jax._src.pallas.triton import lowering as tl
-  monkeypatch.setattr(kernels, "_interpret", lambda: False)
-  monkeypatch.setattr(kernels, "PERSISTENT_PROGRAMS", 132)
-  monkeypatch.setattr(kernels, "BARRIER", barrier)
-  jax.clear_caches()  # the knobs are not part of the lowering cache's key
   atomics, acq_rel = [], tl._atomic_rmw
 
   def spy(op, ptr, val, mask=None, semantic=tt.MemSemantic.ACQUIRE_RELEASE, **kw):
@@ -124,7 +158,9 @@ def test_persistent_decode_lowers_to_triton(monkeypatch, barrier):
   blocks[3] = BlockSpec(AttnSpec("noop"), blocks[3].ffn)
   arch = dataclasses.replace(arch, blocks=tuple(blocks))
   params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch, jnp.bfloat16))
-  ip = jax.eval_shape(lambda p: infer.prepare(arch, p, jnp.bfloat16, scan=True, decode_impl="persistent"), params)
+  cfg = dataclasses.replace(LOWER, programs=132, barrier=barrier)
+  ip = jax.eval_shape(lambda p: infer.prepare(arch, p, jnp.bfloat16, scan=True, decode_impl="persistent",
+                                              kernel_config=cfg), params)
   lowered = jax.jit(infer._generate, static_argnames=("max_new_tokens", "temperature", "top_p", "stop_tokens")).trace(
       ip, jax.ShapeDtypeStruct((1, 8), jnp.int32), None, jax.random.PRNGKey(0), max_new_tokens=4, temperature=0.0,
       top_p=1.0, stop_tokens=()).lower(lowering_platforms=("cuda",))
@@ -140,7 +176,7 @@ def test_col_block_never_slices_past_the_row():
   """A tile width that does not divide D falls back to one masked power-of-two tile."""
   for d in (64, 576, 1536, 4096, 5120):
     for bn in (8, 16, 32, 64):
-      bd = kernels._col_block(d, bn)
+      bd = decode._col_block(d, bn, kernels.DEFAULT.tile)
       assert bd & (bd - 1) == 0 and (d % bd == 0 or bd >= d), (d, bn, bd)
 
 
@@ -178,32 +214,31 @@ def test_kernel_sass_lowers_persistent_kernel_on_cpu():
   # The timeline build reads the SM clock at every point of every phase (inside the layer loop):
   # start; q/k/v (bf16: tagged words, no barrier after it): data in, result; attention and FFN:
   # arrived, left, data in, half way, result.
-  timed = kernel_sass.triton_ir((64, 2, 1, 32, 128, 128), layers=2, programs=132, timeline=True)
+  timed = kernel_sass.triton_ir((64, 2, 1, 32, 128, 128), layers=2, programs=132,
+                                cfg=kernels.KernelConfig(timeline=True))
   assert timed.count("mov.u32 $0, %clock;") == 1 + 2 + 2 * 5, timed.count("%clock")
-  assert kernels._interpret() and kernels.PERSISTENT_PROGRAMS is None  # knobs restored
 
 
 @pytest.mark.parametrize("mode,hints", [("all", 4), ("ffn", 2), ("", 0)])
-def test_idle_programs_prefetch_next_phase_weights(monkeypatch, mode, hints):
+def test_idle_programs_prefetch_next_phase_weights(mode, hints):
   """Every phase of the tiny shape leaves programs idle (16 items each on 132 programs); they hint
   L2 (`prefetch.global.L2`, predicated per line) to fetch the next phase's weights: o_proj's
   during q/k/v, gate/up and down during attention, the next layer's q/k/v during the FFN."""
   from benchmarks import kernel_sass
-  monkeypatch.setattr(kernels, "PERSISTENT_IDLE_PREFETCH", mode)
-  ir = kernel_sass.triton_ir((64, 2, 1, 32, 128, 128), layers=2, programs=132)
+  ir = kernel_sass.triton_ir((64, 2, 1, 32, 128, 128), layers=2, programs=132,
+                             cfg=kernels.KernelConfig(idle_prefetch=mode))
   assert ir.count("@p prefetch.global.L2 [$1]") == hints
 
 
 @pytest.mark.parametrize("lines,n,step", [(27648, 51, 512), (8640, 4, 512), (8640, 4, 64), (10, 3, 512), (5, 8, 2),
                                           (1, 1, 512)])
-def test_prefetch_shares_cover_every_line_once(monkeypatch, lines, n, step):
+def test_prefetch_shares_cover_every_line_once(lines, n, step):
   """The n idle programs' shares, loop step by loop step, hint each line of the weight exactly
   once and nothing past its end."""
-  monkeypatch.setattr(kernels, "PREFETCH_LINES", step)
-  _, per_step, trips = kernels._share_steps(lines, n)
+  _, per_step, trips = triton_ops.share_steps(lines, n, step)
   assert per_step <= step
   seen = [np.asarray(i)[np.asarray(m)] for k in range(n) for t in range(trips)
-          for i, m in [kernels._share_lines(lines, n, jnp.int32(k), t)]]
+          for i, m in [triton_ops.share_lines(lines, n, jnp.int32(k), t, step)]]
   np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(lines))
 
 
@@ -223,13 +258,16 @@ def test_segment_state_carries_across_calls(dtype):
   cos_SxH, sin_SxH = cache["rope"]
   mask = jnp.ones((2, 128), jnp.int32)
   h = arr(2, 64).astype(dtype)
-  runs = {}
+  runs, kv_ref = {}, cache["layers"][0]
   for name, sync in (("fresh", kernels.sync_flags(1)), ("state", kernels.segment_state(1, 2, 64, E))):
     kv, hs = cache["layers"][0], []
     for idx in range(5, 9):
       pos = jnp.array([idx, idx - 3], jnp.int32)
       if name == "fresh":
         out, kv, sync = kernels.decode_segment(h, p, kv, sync, cos_SxH[pos], sin_SxH[pos], mask, idx, **kw)
+        # the plain-jnp reference beside the kernel, layer after layer
+        want, kv_ref = kernels.reference_segment(h, p, kv_ref, cos_SxH[pos], sin_SxH[pos], mask, idx, **kw)
+        close(np.asarray(out, np.float32), np.asarray(want, np.float32), 1e-4 if dtype == jnp.float32 else 3e-2)
       else:
         out, kv, sync = kernels.decode_segment(h, p, kv, sync, cos_SxH, sin_SxH, mask, idx, pos_B=pos, **kw)
       hs.append(np.asarray(out, np.float32))

@@ -74,7 +74,7 @@ def test_quickstart_notebook_executes(run_dir):
   import nbclient
   import nbformat
   nb = nbformat.read(REPO / "notebooks" / "01_quickstart.ipynb", as_version=4)
-  env = {"PJ_WORKDIR": str(run_dir), "PJ_CONFIG_ARG": "tiny", "PJ_REPO": str(REPO)}
+  env = {"PJ_WORKDIR": str(run_dir), "PJ_CONFIG_ARG": "tiny", "PJ_REPO": str(REPO), "PJ_COSTS_BACKEND": "analytic"}
   os.environ.update(env)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(REPO / "notebooks")}})

@@ -5,10 +5,10 @@ import json
 import gguf
 import jinja2
 import pytest
+import transformers
 
 from puzzle_jax.io.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
-transformers = pytest.importorskip("transformers")
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

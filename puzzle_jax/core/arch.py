@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 # Sub-block kinds.
 ATTN_KINDS = ("gqa", "linear", "noop")
@@ -335,6 +335,59 @@ def divisors(n: int) -> list[int]:
 
 def round_up(x: float, multiple: int) -> int:
   return max(multiple, int(math.ceil(x / multiple) * multiple))
+
+
+def is_ffn_only(b: BlockSpec) -> bool:
+  """A block whose attention is removed and whose FFN is a SwiGLU: the members FFN Fusion merges."""
+  return b.attn.kind == "noop" and b.ffn.kind == "swiglu"
+
+
+def _check_run(arch: Arch, run: Sequence[int]) -> list[int]:
+  run = [int(i) for i in run]
+  if len(run) < 2 or run != list(range(run[0], run[0] + len(run))) or not 0 <= run[0] <= run[-1] < arch.num_layers:
+    raise ArchError(f"a fused/parallel run must be >= 2 consecutive layer indices in [0, {arch.num_layers}), "
+                    f"got {run}")
+  return run
+
+
+def fuse_ffn_run(arch: Arch, run: Sequence[int]) -> Arch:
+  """FFN Fusion of consecutive FFN-only layers: the first holds one SwiGLU as wide as the members
+  together, the others become fully no-op placeholders (the Llama-Nemotron-Ultra-253B layout, which
+  every nemotron_nas loader reads: the engines have no parallel-block field).
+
+  Exactly equal to running the members in parallel from one input (`parallel_arch`); the weights
+  come from `model.fuse_ffn_params`."""
+  run = _check_run(arch, run)
+  bad = [i for i in run if not is_ffn_only(arch.blocks[i])]
+  if bad:
+    raise ArchError(f"layers {bad} are not FFN-only (noop attention + swiglu FFN): "
+                    f"{[describe_attn(arch.blocks[i].attn) + ' / ' + describe_ffn(arch.blocks[i].ffn) for i in bad]}; "
+                    "remove their attention first, or fuse a run without them")
+  width = sum(arch.blocks[i].ffn.intermediate_size for i in run)
+  fused = BlockSpec(AttnSpec("noop"), FFNSpec("swiglu", width))
+  placeholder = BlockSpec(AttnSpec("noop"), FFNSpec("noop"))
+  blocks = list(arch.blocks)
+  blocks[run[0]:run[-1] + 1] = [fused] + [placeholder] * (len(run) - 1)
+  return dataclasses.replace(arch, blocks=tuple(blocks))
+
+
+def fusable_groups(arch: Arch) -> list[list[int]]:
+  """Parallel groups made only of FFN-only blocks: what `fuse_ffn_run` turns into one wide FFN."""
+  return [r for r in parallel_runs(arch.blocks) if len(r) > 1 and all(is_ffn_only(arch.blocks[i]) for i in r)]
+
+
+def parallel_arch(arch: Arch, run: Sequence[int]) -> Arch:
+  """Whole-block parallelism: the blocks of `run` (attention and FFN alike) read one input and add
+  their deltas (`parallel_group` = the run's first index). On FFN-only blocks this equals
+  `fuse_ffn_run`; on full blocks it is the block-parallelism ablation."""
+  run = _check_run(arch, run)
+  taken = [i for i in run if arch.blocks[i].parallel_group is not None]
+  if taken:
+    raise ArchError(f"layers {taken} already belong to a parallel group; pick disjoint runs")
+  blocks = list(arch.blocks)
+  for i in run:
+    blocks[i] = dataclasses.replace(blocks[i], parallel_group=run[0])
+  return dataclasses.replace(arch, blocks=tuple(blocks))
 
 
 def parallel_runs(blocks: Iterable[BlockSpec]) -> list[list[int]]:

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzle_jax.core.arch import Arch, AttnSpec, ArchError, FFNSpec, RopeSpec, parallel_runs
+from puzzle_jax.core.arch import (Arch, AttnSpec, ArchError, FFNSpec, RopeSpec, fuse_ffn_run, fusable_groups,
+                                  parallel_runs)
 from puzzle_jax.moe import layer as moe_layer
 
 Params = dict[str, Any]
@@ -272,6 +273,40 @@ def split_layer(layer: Params) -> tuple[Params, Params]:
           {k: v for k, v in layer.items() if k in FFN_KEYS})
 
 
+def fuse_ffn_params(arch: Arch, params: Params, run) -> Params:
+  """Params for `fuse_ffn_run(arch, run)`: one SwiGLU whose gate/up rows and down columns are the
+  members' concatenated. Each member normalizes with its own RMSNorm weight w_j, and
+  gate_j(w_j * n) = (gate_j * w_j) n, so the weights fold into the gate/up columns and the fused
+  FFN's norm is ones: exact, no extra FLOPs. Other params are shared, not copied."""
+  fused_arch = fuse_ffn_run(arch, run)  # validates the run
+  run = list(run)
+  layers = list(params["model"]["layers"])
+  mlps = [layers[i]["mlp"] for i in run]
+  norms = [layers[i]["post_attention_layernorm"]["weight"] for i in run]
+  dtype = mlps[0]["gate_proj"]["weight"].dtype
+
+  def folded(name: str) -> jax.Array:
+    return jnp.concatenate([m[name]["weight"].astype(jnp.float32) * w.astype(jnp.float32)[None, :]
+                            for m, w in zip(mlps, norms)], axis=0).astype(dtype)
+  down = jnp.concatenate([m["down_proj"]["weight"] for m in mlps], axis=1)
+  layers[run[0]] = {"post_attention_layernorm": {"weight": jnp.ones_like(norms[0])},
+                    "mlp": {"gate_proj": {"weight": folded("gate_proj")}, "up_proj": {"weight": folded("up_proj")},
+                            "down_proj": {"weight": down}}}
+  for i in run[1:]:
+    layers[i] = {}
+  assert fused_arch.blocks[run[0]].ffn.intermediate_size == down.shape[1]
+  return {**params, "model": {**params["model"], "layers": layers}}
+
+
+def fuse_parallel_ffns(arch: Arch, params: Params) -> tuple[Arch, Params]:
+  """Every parallel group made only of FFN-only blocks, fused into one wide FFN (the engine layout);
+  other groups (whole-block parallelism) are left as they are."""
+  for run in fusable_groups(arch):
+    params = fuse_ffn_params(arch, params, run)
+    arch = fuse_ffn_run(arch, run)
+  return arch, params
+
+
 def init_params(key: jax.Array, arch: Arch, dtype=jnp.float32) -> Params:
   """Random params for any architecture (tests, speed benchmarks, random-init baselines)."""
   ke, kh, *kl = jax.random.split(key, 2 + 2 * arch.num_layers)
@@ -282,6 +317,14 @@ def init_params(key: jax.Array, arch: Arch, dtype=jnp.float32) -> Params:
   if not arch.tie_embeddings:
     params["lm_head"] = _dense(kh, arch.vocab_size, arch.hidden_size, dtype)
   return params
+
+
+def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+  """{HF tensor name: shape} for every tensor `arch` owns (what `init_params` makes), without
+  allocating any: what checkpoints are checked against on import and on export."""
+  from puzzle_jax.core import names
+  abstract = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), arch))
+  return names.shapes(abstract)
 
 
 def truncate(arch: Arch, params: Params, max_layers: int) -> tuple[Arch, Params]:

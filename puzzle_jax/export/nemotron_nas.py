@@ -28,11 +28,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from puzzle_jax import artifacts
 from puzzle_jax.export import hf_export
-from puzzle_jax.core import model
+from puzzle_jax.core.model import expected_shapes  # (re-exported)
 from puzzle_jax.core import names
-from puzzle_jax.core.arch import Arch, ArchError
+from puzzle_jax.core.arch import Arch, ArchError, fusable_groups, fuse_ffn_run
+from puzzle_jax.export import engines
 from puzzle_jax.core.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
 
 Params = dict[str, Any]
@@ -65,12 +65,6 @@ def check_exportable(arch: Arch) -> None:
                       "exported: the shipped DeciLM modeling code does not implement them.")
     if b.attn.bias:
       raise ArchError(f"layer {i}: q/k/v/o biases cannot be exported: nemotron-nas attention has none.")
-
-
-def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
-  """{HF tensor name: shape} for every tensor `arch` owns (no allocation)."""
-  abstract = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch))
-  return names.shapes(abstract)
 
 
 def check_params(arch: Arch, params: Params) -> dict[str, Any]:
@@ -164,32 +158,47 @@ def generation_config(arch: Arch) -> dict[str, Any]:
   return {k: v for k, v in cfg.items() if v is not None}
 
 
+def for_engine(arch: Arch, params: Params | None, engine: str) -> tuple[Arch, Params | None]:
+  """The arch (and params) `engine` loads: for engines without parallel blocks, parallel groups of
+  FFN-only blocks become one wide FFN + no-op placeholders (the 253B layout, exactly equal); then
+  every layer is checked against the engine's rules (EngineError naming the layers)."""
+  if not engines.rules(engine).parallel_blocks:
+    if params is not None:
+      arch, params = model.fuse_parallel_ffns(arch, params)
+    for run in fusable_groups(arch):
+      arch = fuse_ffn_run(arch, run)
+  engines.check_arch(arch, engine)
+  return arch, params
+
+
 def export(arch: Arch, params: Params, out_dir: str | pathlib.Path, *, tokenizer=None,
-           dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+           dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30,
+           engine: str = "transformers") -> pathlib.Path:
   """Write an HF directory loadable with `AutoModelForCausalLM.from_pretrained(out_dir,
-  trust_remote_code=True)`. Replaces an earlier export at `out_dir`; returns its path."""
+  trust_remote_code=True)` and by `engine` (see `puzzle_jax.export.engines`). Replaces an earlier
+  export at `out_dir`; returns its path."""
+  arch, params = for_engine(arch, params, engine)
   out = _target(arch, out_dir, dtype)
   if sys.byteorder != "little":
     raise RuntimeError("safetensors export assumes a little-endian host")
   flat = check_params(arch, params)
 
   def weights(tmp: pathlib.Path) -> None:
-    files = write_weights(tmp, flat, dtype, max_shard_bytes)
+    write_weights(tmp, flat, dtype, max_shard_bytes)
     if tokenizer is not None:
       tokenizer.save(tmp)
-    artifacts.write_json(tmp / artifacts.MARKER, {"created_by": "puzzle_jax export", "dtype": dtype,
-                                                  "weights": files})
   return _write_export(arch, out, dtype, weights)
 
 
 def export_config(arch: Arch, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
-                  code: bool = True) -> pathlib.Path:
+                  code: bool = True, engine: str = "transformers") -> pathlib.Path:
   """A weightless export: config.json, generation_config.json and (with `code`) the remote code,
   no safetensors.
 
   Enough for speed runs, which build random weights from the config
-  (`puzzle_jax.harness.load_model(..., random_weights=True)`, with this package's copy of the
+  (`puzzle_jax.serving.load.load_model(..., random_weights=True)`, with this package's copy of the
   modeling code, so committed descriptions need no `code`)."""
+  arch, _ = for_engine(arch, None, engine)
   return _write_export(arch, _target(arch, out_dir, dtype), dtype, lambda tmp: None, code)
 
 
@@ -206,14 +215,19 @@ def _target(arch: Arch, out_dir: str | pathlib.Path, dtype: str) -> pathlib.Path
 
 
 def _earlier_export(out: pathlib.Path) -> bool:
-  """A directory this module wrote: its marker, or (weightless `export_config` output) nothing but
-  the config files and our remote code, byte for byte."""
-  if (out / artifacts.MARKER).is_file():
-    return True
+  """A directory this module wrote: our remote code byte for byte beside a config.json that maps to it,
+  or (weightless `export_config` output) nothing but the config files and that code."""
   names = {p.name for p in out.iterdir()}
-  if not names <= {CONFIG_FILE, GENERATION_CONFIG_FILE, *hf_export.FILES} or CONFIG_FILE not in names:
+  if CONFIG_FILE not in names:
     return False
-  return all((out / f).read_bytes() == (hf_export.DIR / f).read_bytes() for f in names & set(hf_export.FILES))
+  ours = lambda f: (out / f).read_bytes() == (hf_export.DIR / f).read_bytes()
+  if names <= {CONFIG_FILE, GENERATION_CONFIG_FILE, *hf_export.FILES}:
+    return all(ours(f) for f in names & set(hf_export.FILES))
+  try:
+    auto_map = json.loads((out / CONFIG_FILE).read_text()).get("auto_map")
+  except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    return False
+  return auto_map == AUTO_MAP and all(f in names and ours(f) for f in hf_export.FILES)
 
 
 def _write_export(arch: Arch, out: pathlib.Path, dtype: str, fill: Callable[[pathlib.Path], None],
@@ -286,6 +300,24 @@ def check_nemotron_nas_config(cfg: dict[str, Any]) -> list[str]:
   heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
   for i, b in enumerate(blocks):
     problems += [f"block_configs[{i}]: {p}" for p in _check_block(b, heads, hidden)]
+  return problems
+
+
+def check_engine_config(cfg: dict[str, Any], engine: str) -> list[str]:
+  """`check_nemotron_nas_config` plus what `engine` does not read (see `engines`): for vLLM no
+  `replace_with_linear` sub-block; for vLLM and TensorRT-LLM no `window_length`. [] if it loads."""
+  r = engines.rules(engine)
+  if not r.width_from_ffn_mult:
+    return []  # the shipped modeling code reads every field we write
+  problems = check_nemotron_nas_config(cfg)
+  for i, b in enumerate(cfg.get("block_configs") or []):
+    a, f = b.get("attention", {}), b.get("ffn", {})
+    if a.get("replace_with_linear") and not r.linear_attn:
+      problems.append(f"block_configs[{i}]: attention.replace_with_linear is not read by {engine}")
+    if f.get("replace_with_linear") and not r.linear_ffn:
+      problems.append(f"block_configs[{i}]: ffn.replace_with_linear is not read by {engine}")
+    if a.get("window_length") and not a.get("no_op") and not r.window:
+      problems.append(f"block_configs[{i}]: attention.window_length={a['window_length']} is not read by {engine}")
   return problems
 
 

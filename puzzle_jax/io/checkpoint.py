@@ -30,6 +30,7 @@ import numpy as np
 
 from puzzle_jax import artifacts
 from puzzle_jax.core import model
+from puzzle_jax.core.model import expected_shapes  # (re-exported)
 from puzzle_jax.core import names
 from puzzle_jax.moe import mxfp4
 from puzzle_jax.core.arch import DTYPE_BYTES, Arch, ArchError, RopeSpec, uniform_arch
@@ -54,12 +55,6 @@ class LoadError(ValueError):
 
 
 # ----------------------------------------------------------------------------- validation
-def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
-  """{HF tensor name: shape} for every tensor `arch` owns, without allocating any."""
-  abstract = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch))
-  return {k: tuple(v.shape) for k, v in names.flatten(abstract).items()}
-
-
 def _layer_hint(arch: Arch, name: str) -> str:
   parts = name.split(".")
   if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():

@@ -2,7 +2,8 @@
 
 The MIP bounds a child's decode time, prefill time and memory by sums of per-sub-block costs, so
 every candidate variant (named by `arch.variant_key`) is measured once, alone, and stored in a cost
-table (JSON, format `puzzle_jax.costs/v1`; other harnesses write the same format).
+table (JSON, format `puzzle_jax.costs/v1`, defined in `puzzle_jax.cost_table`; `serving.costs` writes
+the same format from PyTorch).
 
 What is timed, on the current JAX backend, with weights and activations in `Scenario.dtype`:
   prefill  one causal prompt [batch, prompt_len, D] through the sub-block, without a cache (as
@@ -40,9 +41,7 @@ Axis legend as in `puzzle_jax.core.arch`: B batch, L prompt, S cache slots, D hi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import pathlib
 import time
 from typing import Any, Callable, Iterable
@@ -52,63 +51,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from puzzle_jax.artifacts import ArtifactError
 from puzzle_jax.core import model
-from puzzle_jax.core.arch import (DTYPE_BYTES, Arch, ArchError, AttnSpec, FFNSpec, attn_flops, ffn_flops,
-                             kv_bytes_per_token, spec_from_key, variant_key)
+from puzzle_jax.core.arch import DTYPE_BYTES, Arch, AttnSpec, FFNSpec, attn_flops, ffn_flops, kv_bytes_per_token
+# The table format lives in `puzzle_jax.cost_table` (shared with the PyTorch side); re-exported here.
+from puzzle_jax.cost_table import (FIXED_FIELDS, FORMAT, MODEL_DIMS, VARIANT_FIELDS, WORKLOAD_FIELDS,  # noqa: F401
+                                   CostTableError, Scenario, arch_keys, as_spec, header, load_cost_table, memory,
+                                   predicted_totals, save_cost_table, stats, validate_cost_table, weight_bytes)
 
-FORMAT = "puzzle_jax.costs/v1"
-MODEL_DIMS = ("hidden_size", "num_heads", "head_dim")  # must match; vocab_size is checked if present.
-FIXED_FIELDS = ("prefill_s", "decode_s", "weight_bytes", "params")
-VARIANT_FIELDS = ("prefill_s", "decode_s", "weight_bytes", "kv_bytes", "params")
-WORKLOAD_FIELDS = ("batch", "prompt_len", "gen_len", "dtype", "kv_dtype")  # what, not how, is timed.
 _MAX_APPS = 1 << 16  # applications per timed call, at most.
 _MAX_ROUNDS = 4  # timing rounds, if the calibrated count gave calls shorter than min_call_s / 2.
 _JNP_DTYPES = {"fp8": "float8_e4m3fn"}
 
-
-class CostTableError(ArtifactError):
-  """A cost table unusable for this model or these candidates; the message says how to fix it."""
-
-  def __init__(self, message: str, path: str | os.PathLike | None = None):
-    super().__init__(None, message)
-    self.path = pathlib.Path(path) if path is not None else None
-
-
-@dataclasses.dataclass(frozen=True)
-class Scenario:
-  """The serving workload the costs describe, plus how to time it."""
-  batch: int = 8  # concurrent sequences.
-  prompt_len: int = 256  # prompt tokens per sequence.
-  gen_len: int = 128  # generated tokens per sequence.
-  dtype: str = "bfloat16"  # weights and activations when timing; weight bytes.
-  kv_dtype: str = "bfloat16"  # KV cache when timing; KV bytes.
-  repeats: int = 10  # timed calls; the median is reported.
-  warmup: int = 2  # untimed calls first (the first one compiles).
-  min_call_s: float = 5e-3  # grow the in-jit repeat count until one call takes this long.
-  flush_bytes: int = 128 * 2**20  # cycle weight/cache copies until their total exceeds this.
-  max_copies: int = 32  # at most this many copies (each one is unrolled in the loop body).
-
-  def __post_init__(self):
-    for name in ("batch", "prompt_len", "gen_len", "repeats", "warmup", "max_copies"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"Scenario.{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("dtype", "kv_dtype"):
-      if getattr(self, name) not in DTYPE_BYTES:
-        raise ValueError(f"Scenario.{name}={getattr(self, name)!r} unknown; use one of {list(DTYPE_BYTES)}")
-
-  @property
-  def decode_context(self) -> int:
-    """Keys the timed decode token attends to: the mean over the generation."""
-    return self.prompt_len + self.gen_len // 2
-
-  @property
-  def max_context(self) -> int:
-    """Tokens per sequence at the end of generation: what the KV cache must hold."""
-    return self.prompt_len + self.gen_len
-
-  def workload(self) -> dict[str, Any]:
-    return {k: getattr(self, k) for k in WORKLOAD_FIELDS}
 
 
 def _jnp_dtype(name: str) -> jnp.dtype:
@@ -211,13 +164,6 @@ def _time(bench: _Bench, sc: Scenario) -> dict[str, float]:
           "reps": reps}
 
 
-def _stats(prefill: dict[str, float], decode: dict[str, float]) -> dict[str, float]:
-  out = {}
-  for mode, r in (("prefill", prefill), ("decode", decode)):
-    out.update({f"{mode}_s": r["s"], f"{mode}_s_min": r["min"], f"{mode}_s_iqr": r["iqr"],
-                f"{mode}_reps": r["reps"]})
-  return out
-
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
   # numpy, not jax.random: eager jax ops compile once per shape, which dominated small runs.
@@ -226,7 +172,10 @@ def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: jnp.dtype) 
 
 def _random_params(init: Callable[[jax.Array], model.Params], seed: int) -> model.Params:
   """Params with the tree and shapes `init(key)` gives, filled like model.py's init (weights
-  N(0, 1/fan_in), norms 1) by numpy: jax.random under XLA:CPU compiled slower than we time."""
+  N(0, 1/fan_in), norms 1) by numpy: jax.random under XLA:CPU compiled slower than we time. On an
+  accelerator `init` itself runs jitted on the device: numpy took minutes for 8192-wide FFNs."""
+  if jax.default_backend() != "cpu":
+    return jax.jit(init)(jax.random.PRNGKey(seed))
   rng = np.random.default_rng(seed)
 
   def fill(x: jax.ShapeDtypeStruct) -> jax.Array:
@@ -276,7 +225,7 @@ def _subblock_bench(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario, mode: st
       delta = model.ffn_apply(p, h, spec, arch)
     return (h + delta).astype(h.dtype), cache  # the residual add feeds the next application.
 
-  copy_bytes = _weight_bytes(arch, spec, sc.dtype)
+  copy_bytes = weight_bytes(arch, spec, sc.dtype)
   if with_cache:
     copy_bytes += 2 * math.prod(cache_shape) * DTYPE_BYTES[kv_name]
   prepare = (lambda: _ctx(arch, sc, mode, spec.window)) if is_attn else (lambda: None)
@@ -284,48 +233,16 @@ def _subblock_bench(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario, mode: st
   return _Bench(prepare, step, make_copy, h, copy_bytes)
 
 
-def _params(arch: Arch, spec: AttnSpec | FFNSpec) -> int:
-  return arch.attn_params(spec) if isinstance(spec, AttnSpec) else arch.ffn_params(spec)
-
-
-def _weight_bytes(arch: Arch, spec: AttnSpec | FFNSpec, dtype: str) -> int:
-  return _params(arch, spec) * DTYPE_BYTES[dtype]
-
-
-def _kv_bytes(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario) -> int:
-  """Cache bytes at the end of generation (window variants: only the window), from head_dim."""
-  if not isinstance(spec, AttnSpec):
-    return 0
-  slots = min(sc.max_context, spec.window or sc.max_context)
-  return sc.batch * slots * kv_bytes_per_token(spec, arch.head_dim, sc.kv_dtype)
-
-
-def _memory(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario) -> dict[str, int]:
-  return {"weight_bytes": _weight_bytes(arch, spec, sc.dtype), "kv_bytes": _kv_bytes(arch, spec, sc),
-          "params": _params(arch, spec)}
-
-
-def _as_spec(spec: AttnSpec | FFNSpec | str) -> AttnSpec | FFNSpec:
-  if not isinstance(spec, str):
-    return spec
-  try:
-    parsed = spec_from_key(spec)
-  except (ValueError, IndexError) as e:
-    raise ArchError(f"bad variant key {spec!r} ({e}); keys look like 'attn/gqa_kv3', 'ffn/swiglu_768'")
-  if variant_key(parsed) != spec:
-    raise ArchError(f"variant key {spec!r} is not canonical; did you mean {variant_key(parsed)!r}?")
-  return parsed
-
 
 def measure_variant(arch: Arch, spec: AttnSpec | FFNSpec | str, scenario: Scenario, *,
                     seed: int = 0) -> dict[str, float]:
   """Time one sub-block variant alone (prefill and decode) and account its memory exactly."""
-  spec = _as_spec(spec)
-  mem = _memory(arch, spec, scenario)
+  spec = as_spec(spec)
+  mem = memory(arch, spec, scenario)
   if spec.kind == "noop":
-    return {**_stats(*[{"s": 0.0, "min": 0.0, "iqr": 0.0, "reps": 0}] * 2), **mem}
+    return {**stats(*[{"s": 0.0, "min": 0.0, "iqr": 0.0, "reps": 0}] * 2), **mem}
   timed = [_time(_subblock_bench(arch, spec, scenario, mode, seed), scenario) for mode in ("prefill", "decode")]
-  return {**_stats(*timed), **mem}
+  return {**stats(*timed), **mem}
 
 
 # ----------------------------------------------------------------------------- fixed part, whole model
@@ -352,7 +269,7 @@ def measure_fixed(arch: Arch, scenario: Scenario, *, seed: int = 0) -> dict[str,
 
   timed = [_time(_Bench(lambda: None, step, lambda c: (params, None), _tokens(arch, scenario, mode, seed), None),
                  scenario) for mode in ("prefill", "decode")]
-  return {**_stats(*timed), "weight_bytes": arch.fixed_params() * DTYPE_BYTES[scenario.dtype],
+  return {**stats(*timed), "weight_bytes": arch.fixed_params() * DTYPE_BYTES[scenario.dtype],
           "params": arch.fixed_params()}
 
 
@@ -390,128 +307,24 @@ def measure_model(arch: Arch, params: model.Params | None, scenario: Scenario, *
     make_copy = lambda c, mode=mode: (params, _decode_cache(arch, scenario, seed) if mode == "decode" else None)
     bench = _Bench(lambda: None, step, make_copy, _tokens(arch, scenario, mode, seed), None)
     timed.append(_time(bench, scenario))
-  return {**_stats(*timed), "weight_bytes": arch.weight_bytes(scenario.dtype),
+  return {**stats(*timed), "weight_bytes": arch.weight_bytes(scenario.dtype),
           "kv_bytes": arch.kv_cache_bytes(scenario.batch, scenario.max_context, scenario.kv_dtype),
           "params": arch.num_params()}
 
 
 # ----------------------------------------------------------------------------- tables
-def arch_keys(arch: Arch) -> list[str]:
-  """Distinct variant keys an architecture uses, in layer order."""
-  return list(dict.fromkeys(variant_key(s) for b in arch.blocks for s in (b.attn, b.ffn)))
-
-
-def _header(arch: Arch, scenario: Scenario, backend: str, device: str) -> dict[str, Any]:
-  return {"format": FORMAT, "backend": backend, "device": device,
-          "scenario": dataclasses.asdict(scenario) | {"decode_context": scenario.decode_context},
-          "model": {"hidden_size": arch.hidden_size, "num_heads": arch.num_heads, "head_dim": arch.head_dim,
-                    "vocab_size": arch.vocab_size},
-          "fixed": {}, "variants": {}}
-
 
 def cost_table(arch: Arch, variant_keys: Iterable[str], scenario: Scenario, *, progress: bool = True,
                seed: int = 0) -> dict[str, Any]:
   """Measure the fixed part and each distinct variant key once on the current JAX backend."""
   keys = list(dict.fromkeys(variant_keys))
-  specs = {k: _as_spec(k) for k in keys}  # fail on a bad key before any timing.
-  table = _header(arch, scenario, jax.default_backend(), jax.devices()[0].device_kind)
+  specs = {k: as_spec(k) for k in keys}  # fail on a bad key before any timing.
+  table = header(arch, scenario, jax.default_backend(), jax.devices()[0].device_kind)
   table["fixed"] = measure_fixed(arch, scenario, seed=seed)
   for k in tqdm(keys, desc="costs", disable=not progress):
     table["variants"][k] = measure_variant(arch, specs[k], scenario, seed=seed)
   return table
 
-
-def save_cost_table(table: dict[str, Any], path: str | os.PathLike) -> None:
-  """Write atomically (a crash never leaves half a table for the MIP to read)."""
-  validate_cost_table(table, source=str(path))
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(table, indent=1, allow_nan=False) + "\n")
-  os.replace(tmp, path)
-
-
-def load_cost_table(path: str | os.PathLike, arch: Arch | None = None, keys: Iterable[str] | None = None, *,
-                    scenario: Scenario | None = None) -> dict[str, Any]:
-  """Read a cost table and check it fits: format, model dims (if arch), keys, workload (if scenario)."""
-  try:
-    table = json.loads(pathlib.Path(path).read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CostTableError(f"{path}: not valid JSON ({e}); re-run the costs stage", path) from e
-  try:
-    validate_cost_table(table, arch, keys, scenario=scenario, source=str(path))
-  except CostTableError as e:
-    raise CostTableError(str(e), path) from None
-  return table
-
-
-def validate_cost_table(table: Any, arch: Arch | None = None, keys: Iterable[str] | None = None, *,
-                        scenario: Scenario | None = None, source: str = "cost table") -> None:
-  """Raise CostTableError with a fix-it message if `table` can't serve `arch`/`keys`/`scenario`."""
-  fmt = table.get("format") if isinstance(table, dict) else None
-  if fmt != FORMAT:
-    if isinstance(fmt, str) and fmt.startswith("puzzle_jax.costs/"):
-      raise CostTableError(f"{source}: cost-table version {fmt!r} is not supported (this code reads "
-                           f"{FORMAT!r}); re-run the costs stage to regenerate it")
-    raise CostTableError(f"{source}: not a puzzle_jax cost table (format={fmt!r}, expected {FORMAT!r})")
-  for part in ("model", "fixed", "variants"):
-    if not isinstance(table.get(part), dict):
-      raise CostTableError(f"{source}: cost table has no {part!r} section")
-  _check_entry(table["fixed"], FIXED_FIELDS, f"{source}: fixed part")
-  for k, v in table["variants"].items():
-    _check_entry(v, VARIANT_FIELDS, f"{source}: variant {k!r}")
-  if arch is not None:
-    _check_model(table["model"], arch, source)
-  if keys is not None:
-    missing = sorted(set(keys) - set(table["variants"]))
-    if missing:
-      raise CostTableError(f"{source}: cost table lacks {len(missing)} needed variant(s): {missing}; re-run "
-                           f"the costs stage with these candidates or pass a table that covers them")
-  if scenario is not None:
-    _check_workload(table.get("scenario", {}), scenario, source)
-
-
-def _check_entry(entry: Any, fields: tuple[str, ...], what: str) -> None:
-  if not isinstance(entry, dict):
-    raise CostTableError(f"{what} is not an object")
-  missing = [f for f in fields if f not in entry]
-  if missing:
-    raise CostTableError(f"{what} lacks field(s) {missing}")
-  bad = [f for f in fields
-         if not (isinstance(entry[f], (int, float)) and math.isfinite(entry[f]) and entry[f] >= 0)]
-  if bad:
-    raise CostTableError(f"{what}: field(s) {bad} are not finite non-negative numbers")
-
-
-def _check_model(dims: dict[str, Any], arch: Arch, source: str) -> None:
-  want = {"hidden_size": arch.hidden_size, "num_heads": arch.num_heads, "head_dim": arch.head_dim,
-          "vocab_size": arch.vocab_size}
-  names = MODEL_DIMS + (("vocab_size",) if "vocab_size" in dims else ())
-  diff = {k: (dims.get(k), want[k]) for k in names if dims.get(k) != want[k]}
-  if diff:
-    detail = ", ".join(f"{k}: table {t} vs model {m}" for k, (t, m) in diff.items())
-    raise CostTableError(f"{source}: the cost table was measured for another model ({detail}); re-run the "
-                         f"costs stage for this model or pass a table measured for it")
-
-
-def _check_workload(got: dict[str, Any], scenario: Scenario, source: str) -> None:
-  diff = {k: (got.get(k), v) for k, v in scenario.workload().items() if got.get(k) != v}
-  if diff:
-    detail = ", ".join(f"{k}: table {t} vs wanted {w}" for k, (t, w) in diff.items())
-    raise CostTableError(f"{source}: the cost table was measured for another scenario ({detail}); re-run "
-                         f"the costs stage with this scenario")
-
-
-def predicted_totals(arch: Arch, table: dict[str, Any]) -> dict[str, float]:
-  """Fixed part + every layer's attention and FFN costs: the cost model of a whole arch."""
-  validate_cost_table(table, arch, arch_keys(arch))
-  totals = {k: table["fixed"][k] for k in FIXED_FIELDS} | {"kv_bytes": 0}
-  for b in arch.blocks:
-    for spec in (b.attn, b.ffn):
-      entry = table["variants"][variant_key(spec)]
-      for k in VARIANT_FIELDS:
-        totals[k] += entry[k]
-  return totals
 
 
 # ----------------------------------------------------------------------------- analytic
@@ -523,7 +336,7 @@ def _analytic_variant(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario, peak_f
                       bandwidth: float) -> dict[str, float]:
   """Ideal FLOPs (causal prefill counts half the scores) and bytes moved: weights, activations in
   and out, K/V written (prefill) or read (decode)."""
-  mem = _memory(arch, spec, sc)
+  mem = memory(arch, spec, sc)
   B, L, act = sc.batch, sc.prompt_len, DTYPE_BYTES[sc.dtype]
   D, N, H = arch.hidden_size, arch.num_heads, arch.head_dim
   out = dict(mem)
@@ -568,8 +381,8 @@ def analytic_table(arch: Arch, keys: Iterable[str], scenario: Scenario, *, peak_
 
   For planning without the target hardware and for tests; `peak_flops` in FLOP/s, `bandwidth` in B/s.
   """
-  table = _header(arch, scenario, "analytic", f"roofline {peak_flops:.3g} FLOP/s, {bandwidth:.3g} B/s")
+  table = header(arch, scenario, "analytic", f"roofline {peak_flops:.3g} FLOP/s, {bandwidth:.3g} B/s")
   table["fixed"] = _analytic_fixed(arch, scenario, peak_flops, bandwidth)
   for k in dict.fromkeys(keys):
-    table["variants"][k] = _analytic_variant(arch, _as_spec(k), scenario, peak_flops, bandwidth)
+    table["variants"][k] = _analytic_variant(arch, as_spec(k), scenario, peak_flops, bandwidth)
   return table

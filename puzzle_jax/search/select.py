@@ -28,6 +28,7 @@ class Targets:
   max_memory_gb: float = 0.0
   max_params: int = 0
   keep_first_attn: bool = True
+  engine: str = "transformers"  # serving target: variants it cannot load are forbidden (export.engines)
 
 
 def _costs(entry: Mapping[str, float]) -> dict[str, float]:
@@ -82,10 +83,11 @@ class Problem:
   parent_totals: dict[str, float]
   forced: dict[tuple[int, str], str]
   targets: Targets
+  forbidden: dict[tuple[int, str], list[str]] = dataclasses.field(default_factory=dict)
 
   def solve(self, decode_speedup: float | None = None, **kw) -> mip.Solution:
     return mip.solve(self.layers, budgets(self.parent_totals, self.targets, decode_speedup),
-                     fixed=self.fixed, forced=self.forced, **kw)
+                     fixed=self.fixed, forced=self.forced, forbidden=self.forbidden, **kw)
 
   def totals(self, choices: Sequence[tuple[str, str]]) -> tuple[float, dict[str, float]]:
     return mip.evaluate(self.layers, choices, fixed=self.fixed)
@@ -103,7 +105,23 @@ def build_problem(library: CandidateSet, scores, table, metric: str, targets: Ta
   forced = {}
   if targets.keep_first_attn:
     forced[(0, "attn")] = parent_choices(library.arch)[0][0]
-  return Problem(layers, fixed, parent_totals, forced, targets)
+  return Problem(layers, fixed, parent_totals, forced, targets,
+                 engine_forbidden(layers, targets.engine, library.arch.hidden_size))
+
+
+def engine_forbidden(layers: Sequence[mip.LayerOptions], engine: str,
+                     hidden_size: int) -> dict[tuple[int, str], list[str]]:
+  """{(layer, sub): variant names} the serving engine cannot load (linear sub-blocks on vLLM, windows
+  and widths that do not survive ffn_mult rounding on vLLM / TensorRT-LLM)."""
+  from puzzle_jax.core.arch import spec_from_key
+  from puzzle_jax.export import engines
+  out = {}
+  for l, lo in enumerate(layers):
+    for sub in ("attn", "ffn"):
+      bad = [o.name for o in getattr(lo, sub) if not engines.loadable(spec_from_key(o.name), engine, hidden_size)]
+      if bad:
+        out[(l, sub)] = bad
+  return out
 
 
 def solution_doc(sol: mip.Solution, problem: Problem) -> dict[str, Any]:
@@ -119,7 +137,8 @@ def solve_and_plot(problem: Problem, out: pathlib.Path, *, num_solutions: int = 
   """Solve for the problem's targets (with `num_solutions - 1` diverse alternatives) and sweep the
   Pareto front; writes `out` (solution.json), pareto.png and choices.png beside it."""
   sols = mip.diverse_solutions(problem.layers, budgets(problem.parent_totals, problem.targets),
-                               num_solutions, fixed=problem.fixed, forced=problem.forced, solver=solver)
+                               num_solutions, fixed=problem.fixed, forced=problem.forced,
+                               forbidden=problem.forbidden, solver=solver)
   best = sols[0]
   front = [(t, _solve_or_none(problem, t)) for t in pareto_speedups]
   doc = solution_doc(best, problem)

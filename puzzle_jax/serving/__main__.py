@@ -1,0 +1,3 @@
+from puzzle_jax.serving.cli import main
+
+main()
