@@ -71,9 +71,10 @@ def test_interrupted_bld_refuses_a_changed_schedule(run_dir, tmp_path):
   (wd / "records").mkdir()
   rec = json.loads(stages.Paths(run_dir).record("bld").read_text())
   (wd / "records" / "bld.json").write_text(json.dumps({**rec, "status": "running"}))
-  shutil.copy(stages.Paths(run_dir).record("import"), wd / "records" / "import.json")
+  for done in ("import", "upcycle"):
+    shutil.copy(stages.Paths(run_dir).record(done), wd / "records" / f"{done}.json")
   c = tiny_config(wd)
-  assert [s.state for s in stages.status(c)][:2] == ["resume", "resume"]  # no artifacts: both rerun
+  assert [s.state for s in stages.status(c)][:3] == ["resume"] * 3  # no artifacts: all rerun
   c.bld.lr = 1e-3
   with pytest.raises(stages.UserError, match=r"bld\.lr: 0\.0003 -> 0\.001"):
     stages.check(c)
