@@ -30,7 +30,7 @@ import numpy as np
 
 from puzzle_jax.export import hf_export
 from puzzle_jax.core.model import expected_shapes  # (re-exported)
-from puzzle_jax.core import names
+from puzzle_jax.core import model, names
 from puzzle_jax.core.arch import Arch, ArchError, fusable_groups, fuse_ffn_run
 from puzzle_jax.export import engines
 from puzzle_jax.core.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
