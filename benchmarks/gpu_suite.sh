@@ -82,6 +82,10 @@ case "${1:-}" in
     run timeout 400 python3 benchmarks/lm_eval_table.py --parent "$GGUF" --tokenizer "$GGUF" $CHILD \
       --batch-size 64 --out "$OUT/lm_eval_table.json"
     ;;
+  moe)  # gpt-oss-puzzle: MoE layer at gpt-oss-20b shapes (JAX vs transformers), long-context decode parent vs child
+    run timeout 240 python3 benchmarks/moe_layer.py
+    run timeout 330 python3 benchmarks/gpt_oss_decode.py --layers 8 --contexts 8192 32768
+    ;;
   k)  # 8B-shaped parent vs the MIP's child from H100 torch costs (random weights); SmolLM2 1.5x child
     KEYS=$(python3 benchmarks/puzzle8b.py keys --parent benchmarks/data/llama8b_parent)
     run timeout 200 python3 -m puzzle_jax.serving costs --arch-from benchmarks/data/llama8b_parent --keys "$KEYS" \

@@ -46,6 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.library.ffn_linear = True  # a DxD linear map replacing the FFN.
   c.library.ffn_noop = True  # FFN removed.
   c.library.layer_overrides = ml_collections.ConfigDict()  # {"0": {"attn_noop": False}}: per layer.
+  # gpt-oss-puzzle candidates (issue 25); the MoE ones apply to MoE layers only.
+  c.library.kv_fp8 = False  # also an FP8-KV-cache variant of each attention candidate (calibrated scales).
+  c.library.expert_fractions = (1.0, 0.75, 0.5, 0.25)  # MoE: fractions of the experts kept (top E' by importance).
+  c.library.moe_top_ks = ()  # MoE: top-k values to try besides the parent's (per-layer top-k search axis).
+  c.library.ep_size = 1  # expert parallelism degree: every candidate's expert count is a multiple of it.
 
   c.bld = ml_collections.ConfigDict()
   c.bld.steps = 20  # optimizer steps (every candidate trains on every step's batch).
@@ -146,6 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export.dtype = "bfloat16"  # safetensors dtype.
   c.export.engine = "transformers"  # serving target: "transformers" (shipped code), "vllm" or "trtllm";
   #   the MIP forbids variants the engine cannot load and export refuses them (puzzle_jax.export.engines).
+  c.export.mxfp4 = False  # gpt-oss children: expert matrices repacked to MXFP4 (*_blocks / *_scales).
 
   c.fusion = ml_collections.ConfigDict()  # FFN Fusion / block parallelism (puzzle_jax.fusion)
   c.fusion.checkpoint = "parent"  # model analysed by fusion-deps: "parent", "child" or a checkpoint path.
@@ -156,6 +162,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fusion.batch_size = 2  # sequences per forward.
   c.fusion.threshold = 0.05  # proposed runs: every pair's dependency (cosine distance) <= this.
   c.fusion.max_run = 8  # longest proposed run.
+
+  # gpt-oss-puzzle test bed (issue 25): sparse-upcycle the dense parent into a gpt-oss-shaped MoE
+  # (each FFN split into experts along its channels, router + experts fitted by BLD to the dense FFN).
+  c.upcycle = ml_collections.ConfigDict()
+  c.upcycle.num_experts = 0  # experts per layer (must divide the FFN width); 0 = keep the parent dense.
+  c.upcycle.top_k = 2  # experts per token (< num_experts).
+  c.upcycle.steps = 100  # BLD steps per layer (router and experts).
+  c.upcycle.lr = 3e-3  # peak learning rate of that fit.
+  c.upcycle.batch_tokens = 256  # tokens per fit step.
+  c.upcycle.calib_seqs = 8  # calibration sequences (train split) whose activations the fit uses.
+  c.upcycle.seq_len = 128  # tokens per calibration sequence.
 
   if args.gpu:
     _grow(c)
@@ -179,6 +196,7 @@ def _grow(c: ml_collections.ConfigDict) -> None:
   c.distill_data.num_tokens, c.distill_data.batch_size = 2_000_000, 1024
   c.distill_data.prompt_len, c.distill_data.max_new_tokens, c.distill_data.dtype = 64, 256, "bfloat16"
   c.library.windows = (128,)
+  c.upcycle.steps, c.upcycle.batch_tokens, c.upcycle.calib_seqs, c.upcycle.seq_len = 300, 1024, 32, 512
   c.fusion.num_seqs, c.fusion.seq_len, c.fusion.batch_size = 32, 512, 8
   c.lm_eval.tasks = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "lambada")
   c.lm_eval.limit, c.lm_eval.batch_size = 0, 64
@@ -202,6 +220,7 @@ def _shrink(c: ml_collections.ConfigDict) -> None:
   c.lm_eval.tasks, c.lm_eval.limit, c.lm_eval.batch_size = ("arc_easy", "piqa"), 2, 8
   c.mip.target_decode_speedup = 1.2
   c.mip.pareto_speedups = (1.1, 1.2, 1.5)
+  c.upcycle.steps, c.upcycle.batch_tokens, c.upcycle.calib_seqs, c.upcycle.seq_len = 10, 64, 2, 32
 
 
 def _parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -73,6 +73,7 @@ class Work:
   distill_data: Mapping[str, Any] = dataclasses.field(  # num_tokens, batch_size, prompt_len, max_new_tokens
       default_factory=lambda: {"num_tokens": 0, "batch_size": 1, "prompt_len": 1, "max_new_tokens": 1})
   lm_eval_requests: int = 0  # lm-eval requests per model in evaluate (documents x choices; 0 = off)
+  upcycle: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # num_experts (0 = off), steps, ...
 
 
 def _fwd_s(arch: Arch, p: Probe, tokens: int, seq_len: int) -> float:
@@ -86,8 +87,14 @@ def stage_seconds(arch: Arch, p: Probe, w: Work) -> dict[str, float]:
   bld_tokens = b["batch_size"] * b["seq_len"]
   per_layer_candidates = w.trained / max(n, 1)
   bld_step = _fwd_s(arch, p, bld_tokens, b["seq_len"]) * (1 + 3 * per_layer_candidates / 2)
+  u = w.upcycle
+  # n layers x steps x (forward + backward of one layer on batch_tokens ~ 3/n of a model forward).
+  upcycle = (0.1 if not u.get("num_experts") else
+             p.compile_s * 2 + u["calib_seqs"] * _fwd_s(arch, p, u["seq_len"], u["seq_len"])
+             + u["steps"] * 3 * _fwd_s(arch, p, u["batch_tokens"], 1) + 2 * weights / _SAVE_BYTES_PER_S)
   return {
       "import": _IMPORT_S_PER_PARAM * w.source_params + weights / _SAVE_BYTES_PER_S,
+      "upcycle": upcycle,
       "bld": (p.compile_s * (2 + w.groups / 2) + b["steps"] * bld_step
               + (b["calib_batches"] + b["eval_batches"]) * _fwd_s(arch, p, bld_tokens, b["seq_len"])
               * (1 + per_layer_candidates) + 2 * weights / _SAVE_BYTES_PER_S),
@@ -134,6 +141,7 @@ def stage_peak_bytes(arch: Arch, w: Work) -> dict[str, float]:
   logits = lambda batch, length, k=1: 4 * batch * length * v * k
   return {
       "import": 4 * w.source_params * 2,
+      "upcycle": 2 * weights if w.upcycle.get("num_experts") else 0.01 * GB,
       "bld": weights + 3 * per_layer * w.trained + bld_acts,
       "score": weights + logits(s["batch_size"], s["seq_len"], 2 * s["candidate_chunk"]),
       "costs": weights,

@@ -56,6 +56,8 @@ class Paths:
   child = property(lambda s: s.root / "child")
   report = property(lambda s: s.root / "report" / "report.json")
   tfds = property(lambda s: s.root / "tfds")
+  upcycled = property(lambda s: s.root / "upcycle" / "parent")
+  upcycle_report = property(lambda s: s.root / "upcycle" / "report.json")
   records = property(lambda s: s.root / "records")
   corpus = property(lambda s: s.root / "corpus")
   gkd = property(lambda s: s.root / "gkd")
@@ -118,8 +120,9 @@ def parent_source(config) -> pathlib.Path:
 
 
 def load_parent(paths: Paths):
+  """The search's parent: the upcycled MoE when the upcycle stage made one, else the import."""
   from puzzle_jax import io
-  return io.load_checkpoint(paths.parent)
+  return io.load_checkpoint(paths.upcycled if (paths.upcycled / "arch.json").exists() else paths.parent)
 
 
 def load_tok(paths: Paths):
@@ -163,8 +166,33 @@ def _import(config, paths: Paths) -> None:
   print(f"parent from {src}\n{arch.table()}")
 
 
+@_stage("upcycle", "optional: dense parent -> gpt-oss-shaped MoE parent (experts = FFN channel groups, BLD router)",
+        reads=("upcycle",) + _DATA, inputs=("import",), dirs=("upcycle",), artifact=lambda p: p.upcycle_report,
+        ignore=_DATA_IGNORE)
+def _upcycle(config, paths: Paths) -> None:
+  from puzzle_jax import io
+  from puzzle_jax.core import model
+  from puzzle_jax.moe import fit, prune, upcycle
+  c = config.upcycle
+  if not c.num_experts:
+    artifacts.write_json(paths.upcycle_report, {"enabled": False})
+    return
+  arch, params = io.load_checkpoint(paths.parent)
+  tok = load_tok(paths)
+  s = upcycle.UpcycleSettings(c.num_experts, c.top_k, fit=fit.FitSettings(c.steps, c.lr, c.batch_tokens,
+                                                                         seed=config.seed))
+  calib = heldout_tokens(config, paths, tok, c.calib_seqs, c.seq_len, split=config.data.train_split)
+  m_arch, m_params, report = upcycle.upcycle(arch, params, [calib[i:i + 2] for i in range(0, len(calib), 2)], s)
+  held = heldout_tokens(config, paths, tok, 2, c.seq_len)
+  kl = prune.kl(prune.forward(arch, params, held), prune.forward(m_arch, m_params, held))
+  io.save_checkpoint(paths.upcycled, m_arch, m_params, overwrite=True)
+  artifacts.write_json(paths.upcycle_report, {"enabled": True, "kl_to_dense": kl,
+                                              "layers": {str(k): v for k, v in report.items()}})
+  print(f"upcycle: {c.num_experts} experts, top-{c.top_k}; KL to the dense parent {kl:.4f}\n{m_arch.table()}")
+
+
 @_stage("bld", "candidate library + blockwise local distillation of every candidate at once",
-        reads=("library", "bld") + _DATA, inputs=("import",), dirs=("bld",),
+        reads=("library", "bld") + _DATA, inputs=("import", "upcycle"), dirs=("bld",),
         artifact=lambda p: p.library / "library.json", ignore=_DATA_IGNORE + ("bld.checkpoint_every",))
 def _bld(config, paths: Paths) -> None:
   import jax
@@ -190,7 +218,7 @@ def _bld(config, paths: Paths) -> None:
 
 
 @_stage("score", "replace-1-block KL / LM-loss / top-1 of every candidate on held-out text",
-        reads=("score",) + _DATA, inputs=("import", "bld"), dirs=("scores",), artifact=lambda p: p.scores,
+        reads=("score",) + _DATA, inputs=("import", "upcycle", "bld"), dirs=("scores",), artifact=lambda p: p.scores,
         ignore=_DATA_IGNORE + ("score.metric", "score.candidate_chunk", "score.batch_size"))
 def _score(config, paths: Paths) -> None:
   from puzzle_jax.search import library as library_lib, scoring
@@ -252,7 +280,7 @@ def load_solution(paths: Paths) -> list[tuple[str, str]]:
 
 
 @_stage("realize", "the MIP's choice -> child checkpoint with BLD-trained sub-blocks",
-        reads=(), inputs=("import", "bld", "mip"), dirs=("child",), artifact=lambda p: p.child / "arch.json")
+        reads=(), inputs=("import", "upcycle", "bld", "mip"), dirs=("child",), artifact=lambda p: p.child / "arch.json")
 def _realize(config, paths: Paths) -> None:
   from puzzle_jax import io
   from puzzle_jax.search import library as library_lib, realize
@@ -263,7 +291,7 @@ def _realize(config, paths: Paths) -> None:
 
 
 @_stage("distill-data", "teacher-generated corpus: the parent continues training-text / chat prompts",
-        reads=("distill_data",) + _DATA, inputs=("import",), dirs=("corpus",),
+        reads=("distill_data",) + _DATA, inputs=("import", "upcycle"), dirs=("corpus",),
         artifact=lambda p: p.corpus / "corpus.json", ignore=_DATA_IGNORE)
 def _distill_data(config, paths: Paths) -> None:
   import jax.numpy as jnp
@@ -296,7 +324,7 @@ def gkd_batches(config, paths: Paths, tok, batch_size: int, seq_len: int):
 
 
 @_stage("gkd", "global knowledge distillation of the realized child against the parent (logits on the fly)",
-        reads=("gkd", "eval") + _DATA, inputs=("import", "realize", "distill-data"), dirs=("gkd",),
+        reads=("gkd", "eval") + _DATA, inputs=("import", "upcycle", "realize", "distill-data"), dirs=("gkd",),
         artifact=lambda p: p.gkd / "metrics.json",
         ignore=_DATA_IGNORE + ("gkd.checkpoint_every", "eval.batch_size"))
 def _gkd(config, paths: Paths) -> None:
@@ -328,7 +356,8 @@ def _gkd(config, paths: Paths) -> None:
 @_stage("evaluate", "perplexity, KL, top-1 over the sweep, and lm-eval task retention at the target: "
         "parent vs MIP child (before and after GKD) vs same-cost baselines",
         reads=("eval", "mip", "score.metric", "export.engine", "lm_eval") + _DATA,
-        inputs=("import", "bld", "score", "costs", "mip", "gkd"), dirs=("report",), artifact=lambda p: p.report,
+        inputs=("import", "upcycle", "bld", "score", "costs", "mip", "gkd"), dirs=("report",),
+        artifact=lambda p: p.report,
         ignore=_DATA_IGNORE + ("eval.batch_size", "lm_eval.batch_size", "lm_eval.eval_dir"))
 def _evaluate(config, paths: Paths) -> None:
   from puzzle_jax.search import evaluate, library as library_lib
@@ -583,10 +612,19 @@ def generate(config) -> str:
 def export(config) -> pathlib.Path:
   """The parent, the child or a checkpoint -> HF directory (refuses a directory it did not create)."""
   import warnings
-  from puzzle_jax.export import engines, nemotron_nas
+  from puzzle_jax.core import hf_gpt_oss
+  from puzzle_jax.export import engines, gpt_oss_puzzle, nemotron_nas
   which = config.export.checkpoint
   arch, params = resolve_checkpoint(config, which)
   out = pathlib.Path(config.export.out_dir or Paths.from_config(config).root / "export" / pathlib.Path(which).name)
+  if hf_gpt_oss.is_gpt_oss_like(arch):  # MoE / attention sinks: vLLM's gpt_oss_puzzle layout
+    try:
+      path = gpt_oss_puzzle.export(arch, params, out, tokenizer=tokenizer_for(config), dtype=config.export.dtype,
+                                   mxfp4=config.export.mxfp4, ep_size=config.library.ep_size)
+    except FileExistsError as e:
+      raise UserError(f"export: {e}") from None
+    print(f"export (gpt_oss_puzzle): {which} -> {path}")
+    return path
   engine = config.export.engine
   if engine == "transformers":
     for issue in nemotron_nas.check_nemotron_nas_config(arch.to_hf_config()):
@@ -659,7 +697,8 @@ def plan(config) -> list[dict[str, Any]]:
       costs_backend="table" if config.costs.table else config.costs.backend,
       variants=len({c.key for c in library}), sweep=len(set(config.mip.pareto_speedups)),
       gkd=config.gkd.to_dict(), distill_data=config.distill_data.to_dict(),
-      lm_eval_requests=_lm_eval_requests(config.lm_eval))
+      lm_eval_requests=_lm_eval_requests(config.lm_eval),
+      upcycle=config.upcycle.to_dict())
   probe = estimate.probe(arch, config.score.batch_size, config.score.seq_len)
   rows = estimate.plan_rows(status(config), estimate.stage_seconds(arch, probe, work),
                             estimate.stage_peak_bytes(arch, work))
@@ -705,13 +744,14 @@ _POSITIVE_INTS = ("bld.steps", "bld.batch_size", "bld.seq_len", "bld.checkpoint_
                   "library.ffn_multiple", "mip.num_solutions", "fusion.num_seqs", "fusion.seq_len",
                   "fusion.batch_size", "fusion.max_run", "gkd.steps", "gkd.batch_size", "gkd.seq_len",
                   "gkd.checkpoint_every", "distill_data.num_tokens", "distill_data.batch_size",
-                  "distill_data.prompt_len", "distill_data.max_new_tokens")
+                  "distill_data.prompt_len", "distill_data.max_new_tokens", "library.ep_size", "upcycle.top_k",
+                  "upcycle.steps", "upcycle.batch_tokens", "upcycle.calib_seqs", "upcycle.seq_len")
 _NON_NEGATIVE = ("bld.warmup_steps", "bld.weight_decay", "bld.ridge", "parent.max_layers", "mip.max_params",
                  "mip.target_decode_speedup", "mip.target_prefill_speedup", "mip.max_memory_gb",
                  "generate.temperature", "fusion.start", "fusion.stop", "fusion.threshold",
                  "gkd.warmup_steps", "gkd.weight_decay", "gkd.clip_norm", "gkd.kl_weight", "gkd.lm_weight",
-                 "gkd.hidden_weight", "gkd.top_k", "distill_data.temperature")
-_POSITIVE = ("bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps", "gkd.lr", "gkd.temperature")
+                 "gkd.hidden_weight", "gkd.top_k", "distill_data.temperature", "upcycle.num_experts")
+_POSITIVE = ("bld.lr", "costs.peak_tflops", "costs.bandwidth_gbps", "gkd.lr", "gkd.temperature", "upcycle.lr")
 _MESH_AXES = ("candidate", "data")
 _EVAL_TASKS = tuple(t.removeprefix("pj_") for t in EVAL_TASK_CONFIGS)
 
@@ -754,6 +794,11 @@ def validate(config) -> list[str]:
                   "cluster environment supplies both)")
   if not _is_int(config.lm_eval.limit) or config.lm_eval.limit < 0:
     errors.append(f"lm_eval.limit={config.lm_eval.limit!r}: must be a non-negative integer (0 = every document)")
+  u = config.upcycle
+  if _is_int(u.num_experts) and _is_int(u.top_k) and u.num_experts and not u.top_k < u.num_experts:
+    errors.append(f"upcycle.top_k={u.top_k}: must be below upcycle.num_experts={u.num_experts} (sparse routing)")
+  if _is_int(u.num_experts) and _is_int(config.library.ep_size) and u.num_experts % max(config.library.ep_size, 1):
+    errors.append(f"library.ep_size={config.library.ep_size}: does not divide upcycle.num_experts={u.num_experts}")
   if not 0 < config.generate.top_p <= 1:
     errors.append(f"generate.top_p={config.generate.top_p!r}: must be in (0, 1]")
   errors += _distill_problems(config)
@@ -784,6 +829,8 @@ def _list_problems(config) -> list[str]:
   for key, ok, what in (("library.ffn_fractions", lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
                         ("library.kv_heads", lambda v: _is_int(v) and v > 0, "positive integers"),
                         ("library.windows", lambda v: _is_int(v) and v > 0, "positive integers"),
+                        ("library.expert_fractions", lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
+                        ("library.moe_top_ks", lambda v: _is_int(v) and v > 0, "positive integers"),
                         ("mip.pareto_speedups", lambda v: _is_num(v) and v > 0, "positive numbers"),
                         ("lm_eval.tasks", lambda v: v in _EVAL_TASKS, "among " + ", ".join(_EVAL_TASKS))):
     bad = [v for v in _section(config, key) if not ok(v)]

@@ -47,7 +47,7 @@ def test_finished_run_is_done_and_records_fingerprints(run_dir):
   assert [s.state for s in stages.status(tiny_config(run_dir))] == ["done"] * len(stages.PIPELINE)
   report = json.loads(stages.Paths(run_dir).report.read_text())
   records = {s: json.loads(stages.Paths(run_dir).record(s).read_text()) for s in report["fingerprints"]}
-  assert set(records) == {"import", "bld", "score", "costs", "mip"}
+  assert set(records) == {"import", "upcycle", "bld", "score", "costs", "mip"}
   assert all(report["fingerprints"][s] == r["fingerprint"] and r["status"] == "done" for s, r in records.items())
   assert records["bld"]["config"]["bld.steps"] == 4 and records["bld"]["version"] == stages.VERSION
 
@@ -71,9 +71,10 @@ def test_interrupted_bld_refuses_a_changed_schedule(run_dir, tmp_path):
   (wd / "records").mkdir()
   rec = json.loads(stages.Paths(run_dir).record("bld").read_text())
   (wd / "records" / "bld.json").write_text(json.dumps({**rec, "status": "running"}))
-  shutil.copy(stages.Paths(run_dir).record("import"), wd / "records" / "import.json")
+  for done in ("import", "upcycle"):
+    shutil.copy(stages.Paths(run_dir).record(done), wd / "records" / f"{done}.json")
   c = tiny_config(wd)
-  assert [s.state for s in stages.status(c)][:2] == ["resume", "resume"]  # no artifacts: both rerun
+  assert [s.state for s in stages.status(c)][:3] == ["resume"] * 3  # no artifacts: all rerun
   c.bld.lr = 1e-3
   with pytest.raises(stages.UserError, match=r"bld\.lr: 0\.0003 -> 0\.001"):
     stages.check(c)
@@ -199,7 +200,8 @@ def test_plan(run_dir, tmp_path, capsys):
 
 def test_stage_table_is_the_one_order():
   names = [s.name for s in stages.PIPELINE]
-  assert names == ["import", "bld", "score", "costs", "mip", "realize", "distill-data", "gkd", "evaluate"]
+  assert names == ["import", "upcycle", "bld", "score", "costs", "mip", "realize", "distill-data", "gkd",
+                   "evaluate"]
   for s in stages.PIPELINE:  # inputs come earlier in the order
     assert all(names.index(i) < names.index(s.name) for i in s.inputs), s.name
   readme = (REPO / "README.md").read_text()

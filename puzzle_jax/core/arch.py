@@ -33,8 +33,10 @@ class AttnSpec:
   kind: str = "gqa"
   num_kv_heads: int | None = None  # gqa only; must divide the query head count.
   window: int | None = None  # sliding-window length in tokens (None = full causal context).
-  num_sink_tokens: int | None = None  # reserved for gpt-oss attention sinks.
+  num_sink_tokens: int | None = None  # nemotron-nas field, kept for round trips; not computed.
   bias: bool = False  # q/k/v/o biases (gpt-oss, Qwen); Llama has none.
+  sinks: bool = False  # gpt-oss: a learned per-head logit joins the softmax and is dropped after it.
+  kv_dtype: str | None = None  # "fp8": K/V stored as float8_e4m3fn / per-layer k_scale, v_scale.
 
   def __post_init__(self):
     if self.kind not in ATTN_KINDS:
@@ -43,6 +45,8 @@ class AttnSpec:
       raise ArchError("gqa attention needs num_kv_heads >= 1")
     if self.window is not None and self.window < 1:
       raise ArchError(f"window must be >= 1, got {self.window}")
+    if self.kv_dtype not in (None, "fp8"):
+      raise ArchError(f"kv_dtype {self.kv_dtype!r} unknown; use None (activation dtype) or 'fp8'")
 
   @property
   def has_cache(self) -> bool:
@@ -83,6 +87,10 @@ class RopeSpec:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position: int = 8192
+  # YaRN (rope_type "yarn", gpt-oss): ramp bounds in rotations, and whether they are rounded.
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  truncate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +198,8 @@ class Arch:
 def describe_attn(a: AttnSpec) -> str:
   if a.kind != "gqa":
     return a.kind
-  return f"gqa kv={a.num_kv_heads}" + (f" w={a.window}" if a.window else "")
+  return (f"gqa kv={a.num_kv_heads}" + (f" w={a.window}" if a.window else "")
+          + (" fp8" if a.kv_dtype == "fp8" else ""))
 
 
 def describe_ffn(f: FFNSpec) -> str:
@@ -210,12 +219,18 @@ def variant_key(spec: AttnSpec | FFNSpec) -> str:
   if isinstance(spec, AttnSpec):
     if spec.kind != "gqa":
       return f"attn/{spec.kind}"
-    return f"attn/gqa_kv{spec.num_kv_heads}" + (f"_w{spec.window}" if spec.window else "")
+    return (f"attn/gqa_kv{spec.num_kv_heads}" + (f"_w{spec.window}" if spec.window else "")
+            + "".join(f"_{t}" for t, on in _attn_flags(spec) if on))
   if spec.kind == "swiglu":
     return f"ffn/swiglu_{spec.intermediate_size}"
   if spec.kind == "moe":
     return f"ffn/moe_e{spec.num_experts}_k{spec.top_k}_f{spec.intermediate_size}"
   return f"ffn/{spec.kind}"
+
+
+def _attn_flags(a: AttnSpec) -> tuple[tuple[str, bool], ...]:
+  """Key suffixes of the gpt-oss attention features (absent for Llama keys, which stay unchanged)."""
+  return (("bias", a.bias), ("sinks", a.sinks), ("fp8", a.kv_dtype == "fp8"))
 
 
 def spec_from_key(key: str) -> AttnSpec | FFNSpec:
@@ -226,8 +241,10 @@ def spec_from_key(key: str) -> AttnSpec | FFNSpec:
     if parts[0] != "gqa":
       return AttnSpec(parts[0])
     kv = int(parts[1][2:])
-    window = int(parts[2][1:]) if len(parts) > 2 else None
-    return AttnSpec("gqa", num_kv_heads=kv, window=window)
+    window = next((int(t[1:]) for t in parts[2:] if t[:1] == "w" and t[1:].isdigit()), None)
+    flags = set(parts[2:])
+    return AttnSpec("gqa", num_kv_heads=kv, window=window, bias="bias" in flags, sinks="sinks" in flags,
+                    kv_dtype="fp8" if "fp8" in flags else None)
   if sub == "ffn":
     if parts[0] == "swiglu":
       return FFNSpec("swiglu", int(parts[1]))
@@ -246,8 +263,10 @@ def attn_params(a: AttnSpec, d: int, n: int, h: int) -> int:
   p = d * n * h * 2 + d * k * h * 2 + d  # q, o, k, v, input norm
   if a.bias:
     p += n * h + 2 * k * h + d
-  if a.num_sink_tokens:
+  if a.sinks:
     p += n
+  if a.kv_dtype == "fp8":
+    p += 2  # k_scale, v_scale
   return p
 
 
@@ -258,11 +277,15 @@ def ffn_params(f: FFNSpec, d: int) -> int:
     return d * d + d
   if f.kind == "swiglu":
     return 3 * d * f.intermediate_size + d
-  return f.num_experts * 3 * d * f.intermediate_size + d * f.num_experts + d  # experts + router + norm
+  # gpt-oss experts (fused gate_up + down, with biases) + router (with bias) + norm.
+  e, i = f.num_experts, f.intermediate_size
+  return e * (3 * d * i + 2 * i + d) + e * (d + 1) + d
 
 
 def kv_bytes_per_token(a: AttnSpec, head_dim: int, dtype: str) -> int:
-  return 2 * a.num_kv_heads * head_dim * DTYPE_BYTES[dtype] if a.has_cache else 0
+  if not a.has_cache:
+    return 0
+  return 2 * a.num_kv_heads * head_dim * DTYPE_BYTES[a.kv_dtype or dtype]
 
 
 def attn_flops(a: AttnSpec, d: int, n: int, h: int, context: int, mode: str) -> int:

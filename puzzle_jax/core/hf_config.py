@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from puzzle_jax.core import hf_gpt_oss
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec
 
 DECI_ARCH = "DeciLMForCausalLM"
@@ -103,6 +104,8 @@ def arch_from_hf(cfg: dict[str, Any]) -> Arch:
   """Build an `Arch` from a parsed config.json (Llama or nemotron-nas)."""
   archs = cfg.get("architectures") or []
   model_type = cfg.get("model_type")
+  if model_type in hf_gpt_oss.GPT_OSS_TYPES:
+    return hf_gpt_oss.arch_from_gpt_oss(cfg)
   hidden = int(_require(cfg, "hidden_size"))
   heads = int(_require(cfg, "num_attention_heads"))
   if "block_configs" in cfg:
@@ -154,8 +157,19 @@ def _ffn_to_deci(f: FFNSpec, hidden: int) -> dict[str, Any]:
           "no_op": f.kind == "noop", "replace_with_linear": f.kind == "linear", "sparsify": None}
 
 
+def global_fields(arch: Arch) -> dict[str, Any]:
+  """The config.json fields every decoder format shares (sizes, norm eps, tying, special tokens)."""
+  eos = list(arch.eos_token_id) if isinstance(arch.eos_token_id, tuple) else arch.eos_token_id
+  return {"vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size, "num_attention_heads": arch.num_heads,
+          "head_dim": arch.head_dim, "num_hidden_layers": arch.num_layers, "rms_norm_eps": arch.rms_eps,
+          "tie_word_embeddings": arch.tie_embeddings, "max_position_embeddings": arch.max_position,
+          "bos_token_id": arch.bos_token_id, "eos_token_id": eos}
+
+
 def arch_to_hf(arch: Arch, *, dtype: str = "bfloat16") -> dict[str, Any]:
-  """A nemotron-nas config.json dict for any project architecture."""
+  """A nemotron-nas config.json dict (a gpt_oss_puzzle one for MoE / attention-sink archs)."""
+  if hf_gpt_oss.is_gpt_oss_like(arch):
+    return hf_gpt_oss.arch_to_gpt_oss_puzzle(arch, dtype=dtype)
   blocks = []
   for b in arch.blocks:
     blk = {"attention": _attn_to_deci(b.attn, arch.num_heads),
@@ -163,16 +177,10 @@ def arch_to_hf(arch: Arch, *, dtype: str = "bfloat16") -> dict[str, Any]:
     if b.parallel_group is not None:
       blk["parallel_group"] = b.parallel_group
     blocks.append(blk)
-  eos = list(arch.eos_token_id) if isinstance(arch.eos_token_id, tuple) else arch.eos_token_id
   return {
       "architectures": [DECI_ARCH], "model_type": DECI_MODEL_TYPE,
       "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig",
                    "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
-      "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
-      "num_attention_heads": arch.num_heads, "head_dim": arch.head_dim,
-      "num_hidden_layers": arch.num_layers, "rms_norm_eps": arch.rms_eps,
-      **rope_to_hf(arch.rope), "tie_word_embeddings": arch.tie_embeddings,
-      "max_position_embeddings": arch.max_position, "bos_token_id": arch.bos_token_id,
-      "eos_token_id": eos, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+      **global_fields(arch), **rope_to_hf(arch.rope), "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
       "torch_dtype": dtype, "block_configs": blocks,
   }

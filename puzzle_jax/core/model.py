@@ -21,6 +21,7 @@ import numpy as np
 
 from puzzle_jax.core.arch import (Arch, AttnSpec, ArchError, FFNSpec, RopeSpec, fuse_ffn_run, fusable_groups,
                                   parallel_runs)
+from puzzle_jax.moe import layer as moe_layer
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
@@ -62,14 +63,39 @@ def rope_inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
     inv = np.where(medium, smoothed, scaled).astype(np.float32)
+  if rope.rope_type == "yarn":
+    inv = _yarn_inv_freq(rope, head_dim)
   return inv
+
+
+def _yarn_inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
+  """YaRN (transformers' `_compute_yarn_parameters`): interpolate low frequencies by `factor`,
+  keep high ones, with a linear ramp between the beta_fast / beta_slow rotation counts."""
+  pos = rope.theta ** (np.arange(0, head_dim, 2).astype(np.float32) / head_dim)
+
+  def corr_dim(rot):
+    return head_dim * np.log(rope.original_max_position / (rot * 2 * np.pi)) / (2 * np.log(rope.theta))
+  low, high = corr_dim(rope.beta_fast), corr_dim(rope.beta_slow)
+  if rope.truncate:
+    low, high = np.floor(low), np.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  high = high + 0.001 if low == high else high
+  ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  extrapolate = 1 - ramp
+  return (1 / (rope.factor * pos) * ramp + 1 / pos * extrapolate).astype(np.float32)
+
+
+def rope_attention_scaling(rope: RopeSpec) -> float:
+  """YaRN multiplies cos/sin by 0.1 ln(factor) + 1 (sharper attention at long range)."""
+  return 0.1 * float(np.log(rope.factor)) + 1.0 if rope.rope_type == "yarn" and rope.factor > 1 else 1.0
 
 
 def rope_cos_sin(arch: Arch, positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
   inv_freq = jnp.asarray(rope_inv_freq(arch.rope, arch.head_dim))
   freqs_BxLxH2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   emb_BxLxH = jnp.concatenate([freqs_BxLxH2, freqs_BxLxH2], axis=-1)
-  return jnp.cos(emb_BxLxH), jnp.sin(emb_BxLxH)
+  scale = rope_attention_scaling(arch.rope)
+  return jnp.cos(emb_BxLxH) * scale, jnp.sin(emb_BxLxH) * scale
 
 
 def apply_rope(x_BxLxNxH: jax.Array, cos_BxLxH: jax.Array, sin_BxLxH: jax.Array) -> jax.Array:
@@ -113,31 +139,74 @@ def attn_apply(p: Params, h_BxLxD: jax.Array, spec: AttnSpec, arch: Arch, ctx: C
   if spec.kind == "linear":
     return linear(p["self_attn"]["linear_attn"], x), cache_layer
   if spec.num_sink_tokens:
-    raise ArchError("attention sinks are not implemented yet (gpt-oss issue)")
+    raise ArchError("nemotron-nas num_sink_tokens is not implemented; gpt-oss sinks are AttnSpec.sinks")
   a = p["self_attn"]
   B, L, _ = x.shape
   N, K, H = arch.num_heads, spec.num_kv_heads, arch.head_dim
   q = apply_rope(linear(a["q_proj"], x).reshape(B, L, N, H), ctx.cos, ctx.sin)
   k = apply_rope(linear(a["k_proj"], x).reshape(B, L, K, H), ctx.cos, ctx.sin)
   v = linear(a["v_proj"], x).reshape(B, L, K, H)
+  if spec.kv_dtype == "fp8":
+    k, v = fp8_quantize(k, a["k_scale"]), fp8_quantize(v, a["v_scale"])
   if cache_layer is not None:
     idx = (0, ctx.write_index, 0, 0)
     k = jax.lax.dynamic_update_slice(cache_layer["k"], k.astype(cache_layer["k"].dtype), idx)
     v = jax.lax.dynamic_update_slice(cache_layer["v"], v.astype(cache_layer["v"].dtype), idx)
     cache_layer = {"k": k, "v": v}
-  out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask(spec.window))
+  mask = ctx.mask(spec.window)
+  if cache_layer is not None and spec.window is not None:
+    k, v, mask = _window_slots(k, v, mask, ctx.write_index, spec.window + L - 1)
+  if spec.kv_dtype == "fp8":
+    k, v = fp8_dequantize(k, a["k_scale"], q.dtype), fp8_dequantize(v, a["v_scale"], q.dtype)
+  out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, a["sinks"] if spec.sinks else None)
   return linear(a["o_proj"], out.reshape(B, L, N * H)), cache_layer
 
 
-def grouped_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS) -> jax.Array:
-  """Softmax attention with GQA; scores and softmax in float32."""
+def _window_slots(k_BxSxKxH, v_BxSxKxH, mask_BxLxS, write_index, span: int):
+  """The `span` cache slots a windowed layer's new queries can see (ending at the newest one), so
+  a windowed decode step reads its window, not the whole cache; no-op when the cache is shorter."""
+  S, L = k_BxSxKxH.shape[1], mask_BxLxS.shape[1]
+  if span >= S:
+    return k_BxSxKxH, v_BxSxKxH, mask_BxLxS
+  start = jnp.clip(write_index + L - span, 0, S - span)
+  cut = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, span, axis=axis)
+  return cut(k_BxSxKxH, 1), cut(v_BxSxKxH, 1), cut(mask_BxLxS, 2)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_quantize(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """x / scale saturated to the e4m3 range, stored as float8_e4m3fn (what vLLM's k_scale means).
+
+  `scale` is a scalar (per layer) or [K] (per KV head, broadcast over [..., K, H])."""
+  s = jnp.asarray(scale, jnp.float32)
+  s = s[:, None] if s.ndim == 1 else s
+  return jnp.clip(x.astype(jnp.float32) / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+
+
+def fp8_dequantize(x_fp8: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+  s = jnp.asarray(scale, jnp.float32)
+  s = s[:, None] if s.ndim == 1 else s
+  return (x_fp8.astype(jnp.float32) * s).astype(dtype)
+
+
+def grouped_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, sinks_N=None) -> jax.Array:
+  """Softmax attention with GQA; scores and softmax in float32.
+
+  `sinks_N` (gpt-oss): one extra logit per head joins each row's softmax and is dropped after it,
+  so a head can put weight on "nothing" instead of renormalizing over the keys it sees."""
   B, L, N, H = q_BxLxNxH.shape
   K = k_BxSxKxH.shape[2]
   q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
   s = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH,
                  preferred_element_type=jnp.float32) * (H ** -0.5)
   s = jnp.where(mask_BxLxS[:, None, None], s, NEG_INF)
-  w = jax.nn.softmax(s, axis=-1).astype(v_BxSxKxH.dtype)
+  if sinks_N is None:
+    w = jax.nn.softmax(s, axis=-1).astype(v_BxSxKxH.dtype)
+  else:
+    sink_BxKxGxLx1 = jnp.broadcast_to(sinks_N.astype(jnp.float32).reshape(1, K, N // K, 1, 1), s.shape[:-1] + (1,))
+    w = jax.nn.softmax(jnp.concatenate([s, sink_BxKxGxLx1], axis=-1), axis=-1)[..., :-1].astype(v_BxSxKxH.dtype)
   return jnp.einsum("bkgls,bskh->blkgh", w, v_BxSxKxH).reshape(B, L, N, H)
 
 
@@ -151,7 +220,7 @@ def ffn_apply(p: Params, h_BxLxD: jax.Array, spec: FFNSpec, arch: Arch) -> jax.A
     return linear(m["linear_mlp"], x)
   if spec.kind == "swiglu":
     return linear(m["down_proj"], jax.nn.silu(linear(m["gate_proj"], x)) * linear(m["up_proj"], x))
-  raise ArchError("MoE FFN forward is not implemented yet (gpt-oss issue)")
+  return moe_layer.moe_apply(m, x, spec.top_k)
 
 
 def _dense(key, out_dim: int, in_dim: int, dtype) -> Params:
@@ -170,9 +239,16 @@ def attn_init(key: jax.Array, spec: AttnSpec, arch: Arch, dtype=jnp.float32) -> 
     return {"input_layernorm": _norm(D, dtype), "self_attn": {"linear_attn": _dense(key, D, D, dtype)}}
   K = spec.num_kv_heads
   kq, kk, kv, ko = jax.random.split(key, 4)
-  return {"input_layernorm": _norm(D, dtype),
-          "self_attn": {"q_proj": _dense(kq, N * H, D, dtype), "k_proj": _dense(kk, K * H, D, dtype),
-                        "v_proj": _dense(kv, K * H, D, dtype), "o_proj": _dense(ko, D, N * H, dtype)}}
+  a = {"q_proj": _dense(kq, N * H, D, dtype), "k_proj": _dense(kk, K * H, D, dtype),
+       "v_proj": _dense(kv, K * H, D, dtype), "o_proj": _dense(ko, D, N * H, dtype)}
+  if spec.bias:
+    for name, proj in a.items():
+      proj["bias"] = jnp.zeros((proj["weight"].shape[0],), dtype)
+  if spec.sinks:
+    a["sinks"] = jnp.zeros((N,), dtype)
+  if spec.kv_dtype == "fp8":
+    a["k_scale"], a["v_scale"] = jnp.ones((), jnp.float32), jnp.ones((), jnp.float32)
+  return {"input_layernorm": _norm(D, dtype), "self_attn": a}
 
 
 def ffn_init(key: jax.Array, spec: FFNSpec, arch: Arch, dtype=jnp.float32) -> Params:
@@ -181,8 +257,9 @@ def ffn_init(key: jax.Array, spec: FFNSpec, arch: Arch, dtype=jnp.float32) -> Pa
     return {}
   if spec.kind == "linear":
     return {"post_attention_layernorm": _norm(D, dtype), "mlp": {"linear_mlp": _dense(key, D, D, dtype)}}
-  if spec.kind != "swiglu":
-    raise ArchError("MoE FFN init is not implemented yet (gpt-oss issue)")
+  if spec.kind == "moe":
+    return {"post_attention_layernorm": _norm(D, dtype),
+            "mlp": moe_layer.init(key, D, spec.num_experts, spec.intermediate_size, dtype)}
   F = spec.intermediate_size
   kg, ku, kd = jax.random.split(key, 3)
   return {"post_attention_layernorm": _norm(D, dtype),
@@ -329,9 +406,10 @@ def forward(arch: Arch, params: Params, tokens_BxL: jax.Array,
 # ----------------------------------------------------------------------------- KV cache
 def init_cache(arch: Arch, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
   """Preallocated cache: one [B, S, K, H] pair per layer that has attention, None elsewhere."""
-  layers = [{"k": jnp.zeros((batch, max_len, b.attn.num_kv_heads, arch.head_dim), dtype),
-             "v": jnp.zeros((batch, max_len, b.attn.num_kv_heads, arch.head_dim), dtype)}
-            if b.attn.has_cache else None for b in arch.blocks]
+  def kv(a: AttnSpec):
+    dt = jnp.float8_e4m3fn if a.kv_dtype == "fp8" else dtype
+    return jnp.zeros((batch, max_len, a.num_kv_heads, arch.head_dim), dt)
+  layers = [{"k": kv(b.attn), "v": kv(b.attn)} if b.attn.has_cache else None for b in arch.blocks]
   return {"layers": layers, "index": jnp.zeros((), jnp.int32),
           "valid": jnp.zeros((batch, max_len), bool), "next_pos": jnp.zeros((batch,), jnp.int32)}
 

@@ -63,6 +63,8 @@ def rules(engine: str) -> EngineRules:
 def spec_problem(spec: AttnSpec | FFNSpec, engine: str, hidden_size: int) -> str | None:
   """Why `engine` cannot load this sub-block variant, or None if it can."""
   r = rules(engine)
+  if (isinstance(spec, AttnSpec) and spec.sinks) or spec.kind == "moe":
+    return None  # gpt-oss-shaped: exported as gpt_oss_puzzle, whose loader reads per-layer windows and experts
   if isinstance(spec, AttnSpec):
     if spec.kind == "linear" and not r.linear_attn:
       return f"{engine} has no linear attention (replace_with_linear is not read)"

@@ -30,7 +30,7 @@ import numpy as np
 
 from puzzle_jax.export import hf_export
 from puzzle_jax.core.model import expected_shapes  # (re-exported)
-from puzzle_jax.core import names
+from puzzle_jax.core import model, names
 from puzzle_jax.core.arch import Arch, ArchError, fusable_groups, fuse_ffn_run
 from puzzle_jax.export import engines
 from puzzle_jax.core.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
@@ -93,7 +93,7 @@ def to_numpy(name: str, value: Any, dtype: str) -> np.ndarray:
   if not np.isfinite(src.astype(np.float32)).all():
     raise ExportError(f"tensor {name!r} contains NaN or Inf; fix the params before exporting")
   with np.errstate(over="ignore"):  # an overflow is reported just below, by name
-    out = np.ascontiguousarray(src.astype(DTYPES[dtype][1]))
+    out = np.ascontiguousarray(src.astype(DTYPES[dtype][1])).reshape(src.shape)  # keeps 0-d scalars 0-d
   if not np.isfinite(out.astype(np.float32)).all():
     raise ExportError(f"tensor {name!r} overflows {dtype} (finite in {src.dtype}, Inf after the cast); "
                       "export in a wider dtype")
@@ -103,7 +103,7 @@ def to_numpy(name: str, value: Any, dtype: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- safetensors
 def write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
   """A safetensors file (8-byte header length, JSON header, raw little-endian data), bf16 included."""
-  tags = {dt: tag for tag, dt in DTYPES.values()}
+  tags = {**{dt: tag for tag, dt in DTYPES.values()}, np.dtype(np.uint8): "U8"}  # U8: MXFP4 blocks/scales
   header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
   offset = 0
   for k, arr in tensors.items():
@@ -231,10 +231,11 @@ def _earlier_export(out: pathlib.Path) -> bool:
 
 
 def _write_export(arch: Arch, out: pathlib.Path, dtype: str, fill: Callable[[pathlib.Path], None],
-                  code: bool = True) -> pathlib.Path:
-  """Config, generation config, remote code and whatever `fill` adds, written into a temporary
-  directory that is renamed into place (a directory under the final name is always complete)."""
-  config = {**arch.to_hf_config(dtype=dtype), "auto_map": dict(AUTO_MAP)}
+                  code: bool = True, *, config: dict[str, Any] | None = None, code_pkg=hf_export) -> pathlib.Path:
+  """Config, generation config, remote code (`code_pkg.FILES` from `code_pkg.DIR`) and whatever
+  `fill` adds, written into a temporary directory that is renamed into place (a directory under
+  the final name is always complete)."""
+  config = config or {**arch.to_hf_config(dtype=dtype), "auto_map": dict(AUTO_MAP)}
 
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -243,8 +244,8 @@ def _write_export(arch: Arch, out: pathlib.Path, dtype: str, fill: Callable[[pat
     fill(tmp)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config(arch), indent=2) + "\n")
-    for fname in hf_export.FILES if code else ():
-      shutil.copyfile(hf_export.DIR / fname, tmp / fname)
+    for fname in code_pkg.FILES if code else ():
+      shutil.copyfile(code_pkg.DIR / fname, tmp / fname)
     _replace_dir(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

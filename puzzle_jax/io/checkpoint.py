@@ -32,6 +32,7 @@ from puzzle_jax import artifacts
 from puzzle_jax.core import model
 from puzzle_jax.core.model import expected_shapes  # (re-exported)
 from puzzle_jax.core import names
+from puzzle_jax.moe import mxfp4
 from puzzle_jax.core.arch import DTYPE_BYTES, Arch, ArchError, RopeSpec, uniform_arch
 
 if TYPE_CHECKING:
@@ -201,6 +202,7 @@ def load_hf_dir(path: pathlib.Path, dtype=None) -> tuple[Arch, Params]:
   arch, _ = read_hf_config(path)
   files = safetensors_files(path)
   flat, sources = read_safetensors(files)
+  flat = mxfp4.dequantize_flat(flat, sources)  # gpt-oss MXFP4 experts (no-op for other checkpoints)
   return arch, assemble(arch, flat, sources, str(path), dtype)
 
 

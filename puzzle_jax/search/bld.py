@@ -174,7 +174,8 @@ def calibrate(arch: Arch, parent_params: Params, batches: Sequence[np.ndarray]) 
     for i, layer in enumerate(parent_params["model"]["layers"]):
       s = stats_fn(layer, arch.blocks[i], acts["h_in"][i], acts["attn"][i], acts["mid"][i], acts["ffn"][i])
       for k, v in s.items():
-        totals[i][k] = totals[i].get(k, 0) + np.asarray(v, np.float64)
+        merge = np.maximum if k.endswith("_amax") else np.add  # ranges are maxima, the rest sums
+        totals[i][k] = merge(totals[i].get(k, 0), np.asarray(v, np.float64))
   return totals
 
 

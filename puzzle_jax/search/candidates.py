@@ -6,6 +6,9 @@ initialization from the parent (Puzzle, sec. 3: the init matters as much as the 
 - narrower FFN: keep the channels with the highest mean |silu(gate) * up| on calibration data.
 - linear replacement: ridge least squares on calibration (input, output) pairs, closed form.
 - window attention: the parent's weights as they are.
+- FP8 KV cache (`kv_fp8`): the parent's weights, k_scale / v_scale from calibration amax.
+- fewer MoE experts (`expert_fractions`, gpt-oss-puzzle): keep the experts with the largest mean
+  routed output norm on calibration data, router rows sliced; other top-k values (`moe_top_ks`).
 - no-op: nothing to train; it still gets a BLD loss (exactly 1, the NMSE of predicting 0).
 """
 
@@ -19,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from puzzle_jax.core import model
+from puzzle_jax.moe import prune
+from puzzle_jax.search import kv_fp8
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, FFNSpec, divisors, round_up, variant_key
 
 Params = dict[str, Any]
@@ -35,6 +40,10 @@ class LibraryConfig:
   ffn_multiple: int = 64
   ffn_linear: bool = True
   ffn_noop: bool = True
+  kv_fp8: bool = False  # add an FP8-KV-cache variant of each (full or window) attention candidate.
+  expert_fractions: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # MoE parents: experts kept per layer.
+  moe_top_ks: tuple[int, ...] = ()  # MoE parents: top-k values besides the parent's.
+  ep_size: int = 1  # expert parallelism: every candidate's expert count is a multiple of this.
   layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
   def for_layer(self, i: int) -> LibraryConfig:
@@ -84,8 +93,10 @@ def _attn_specs(arch: Arch, parent: AttnSpec, cfg: LibraryConfig) -> list[AttnSp
     for kv in kvs:
       if arch.num_heads % kv:
         raise ArchError(f"library.kv_heads={kv} does not divide num_heads={arch.num_heads}")
-      specs.append(AttnSpec("gqa", num_kv_heads=kv, window=parent.window))
-    specs += [AttnSpec("gqa", num_kv_heads=parent.num_kv_heads, window=w) for w in cfg.windows]
+      specs.append(dataclasses.replace(parent, num_kv_heads=kv))
+    specs += [dataclasses.replace(parent, window=w) for w in cfg.windows]
+    if cfg.kv_fp8:
+      specs += [dataclasses.replace(sp, kv_dtype="fp8") for sp in list(specs)]
   if cfg.attn_linear:
     specs.append(AttnSpec("linear"))
   if cfg.attn_noop:
@@ -99,6 +110,9 @@ def _ffn_specs(parent: FFNSpec, cfg: LibraryConfig) -> list[FFNSpec]:
     for frac in cfg.ffn_fractions:
       width = min(parent.intermediate_size, round_up(frac * parent.intermediate_size, cfg.ffn_multiple))
       specs.append(FFNSpec("swiglu", width))
+  if parent.kind == "moe":
+    for n in prune.expert_counts(parent.num_experts, cfg.expert_fractions, cfg.ep_size):
+      specs += [prune.pruned_spec(parent, n, k) for k in (parent.top_k,) + tuple(cfg.moe_top_ks)]
   if cfg.ffn_linear:
     specs.append(FFNSpec("linear"))
   if cfg.ffn_noop:
@@ -145,6 +159,8 @@ def calib_stats_layer(arch: Arch, layer_params: Params, spec, h_in_BxLxD, attn_B
   if spec.attn.kind != "noop":
     x = model.rms_norm(layer_params["input_layernorm"], h_in_BxLxD, arch.rms_eps)
     stats.update(_lsq_sums("attn", x, attn_BxLxD))
+    if spec.attn.has_cache:
+      stats.update(_kv_amax(arch, layer_params, spec.attn, x))
   if spec.ffn.kind != "noop":
     x = model.rms_norm(layer_params["post_attention_layernorm"], mid_BxLxD, arch.rms_eps)
     stats.update(_lsq_sums("ffn", x, ffn_BxLxD))
@@ -153,7 +169,20 @@ def calib_stats_layer(arch: Arch, layer_params: Params, spec, h_in_BxLxD, attn_B
       act = jax.nn.silu(model.linear(m["gate_proj"], x)) * model.linear(m["up_proj"], x)
       stats["ffn_importance"] = jnp.abs(act.astype(jnp.float32)).sum(axis=(0, 1))
       stats["ffn_count"] = jnp.asarray(x.shape[0] * x.shape[1], jnp.float32)
+    if spec.ffn.kind == "moe":
+      x_TxD = x.reshape(-1, x.shape[-1])
+      stats["moe_contribution"] = prune.expert_stats(layer_params["mlp"], x_TxD, spec.ffn.top_k)["contribution"]
   return stats
+
+
+def _kv_amax(arch: Arch, layer_params: Params, spec: AttnSpec, x_BxLxD) -> dict[str, jax.Array]:
+  """Largest |K| (after RoPE) and |V| of the batch; `bld.calibrate` max-reduces "_amax" keys."""
+  B, L, _ = x_BxLxD.shape
+  a = layer_params["self_attn"]
+  ctx = model.forward_ctx(arch, jnp.zeros((B, L), jnp.int32))
+  k = model.apply_rope(model.linear(a["k_proj"], x_BxLxD).reshape(B, L, spec.num_kv_heads, arch.head_dim),
+                       ctx.cos, ctx.sin)
+  return {"attn_k_amax": jnp.max(jnp.abs(k)), "attn_v_amax": jnp.max(jnp.abs(model.linear(a["v_proj"], x_BxLxD)))}
 
 
 def _lsq_sums(sub: str, x_BxLxD, y_BxLxD) -> dict[str, jax.Array]:
@@ -197,11 +226,20 @@ def init_from_parent(arch: Arch, c: Candidate, layer_params: Params, stats: Mapp
     k_from = parent_spec(arch, c.layer, "attn").num_kv_heads
     sa = dict(attn_p["self_attn"])
     for name in ("k_proj", "v_proj"):
-      sa[name] = {"weight": pool_kv(sa[name]["weight"], k_from, s.num_kv_heads, arch.head_dim)}
+      sa[name] = {n: pool_kv(np.asarray(w).reshape(k_from * arch.head_dim, -1), k_from, s.num_kv_heads,
+                             arch.head_dim).reshape((-1,) + np.shape(w)[1:]) for n, w in sa[name].items()}
+    for name in ("k", "v"):
+      sa.pop(f"{name}_scale", None)
+      if s.kv_dtype == "fp8":
+        sa[f"{name}_scale"] = np.float32(max(stats[f"attn_{name}_amax"] * kv_fp8.FP8Settings().margin, 1e-6)
+                                         / model.FP8_MAX)
     return {"input_layernorm": attn_p["input_layernorm"], "self_attn": sa}
   if s.kind == "linear":
     w = ridge_solve(stats["ffn_xtx"], stats["ffn_xty"], ridge)
     return {"post_attention_layernorm": ffn_p["post_attention_layernorm"], "mlp": {"linear_mlp": {"weight": w}}}
+  if s.kind == "moe":
+    ids = prune.keep_ids(stats["moe_contribution"], s.num_experts)
+    return {"post_attention_layernorm": ffn_p["post_attention_layernorm"], "mlp": prune.prune_mlp(ffn_p["mlp"], ids)}
   keep = np.sort(np.argsort(-np.asarray(stats["ffn_importance"]), kind="stable")[: s.intermediate_size])
   m = ffn_p["mlp"]
   mlp = {"gate_proj": {"weight": np.asarray(m["gate_proj"]["weight"])[keep]},

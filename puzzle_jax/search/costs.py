@@ -201,10 +201,11 @@ def _ctx(arch: Arch, sc: Scenario, mode: str, window: int | None) -> model.Ctx:
 
 
 def _subblock_bench(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario, mode: str, seed: int) -> _Bench:
-  dt, kv_dt = _jnp_dtype(sc.dtype), _jnp_dtype(sc.kv_dtype)
+  is_attn = isinstance(spec, AttnSpec)
+  kv_name = (is_attn and spec.kv_dtype) or sc.kv_dtype  # an FP8-KV candidate keeps its own cache dtype
+  dt, kv_dt = _jnp_dtype(sc.dtype), _jnp_dtype(kv_name)
   B, D = sc.batch, arch.hidden_size
   L = sc.prompt_len if mode == "prefill" else 1
-  is_attn = isinstance(spec, AttnSpec)
   with_cache = is_attn and spec.has_cache and mode == "decode"
   cache_shape = (B, sc.decode_context, spec.num_kv_heads or 0, arch.head_dim) if is_attn else ()
 
@@ -226,7 +227,7 @@ def _subblock_bench(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario, mode: st
 
   copy_bytes = weight_bytes(arch, spec, sc.dtype)
   if with_cache:
-    copy_bytes += 2 * math.prod(cache_shape) * DTYPE_BYTES[sc.kv_dtype]
+    copy_bytes += 2 * math.prod(cache_shape) * DTYPE_BYTES[kv_name]
   prepare = (lambda: _ctx(arch, sc, mode, spec.window)) if is_attn else (lambda: None)
   h = _normal(np.random.default_rng([seed, 1 << 20]), (B, L, D), dt)
   return _Bench(prepare, step, make_copy, h, copy_bytes)
@@ -348,10 +349,18 @@ def _analytic_variant(arch: Arch, spec: AttnSpec | FFNSpec, sc: Scenario, peak_f
       io = mem["weight_bytes"] + 2 * tokens * D * act + kv_tokens * kv_bytes_per_token(spec, H, sc.kv_dtype)
     else:
       flops = tokens * ffn_flops(spec, D)
-      io = mem["weight_bytes"] + 2 * tokens * D * act
+      io = _ffn_weight_bytes_read(spec, mem["weight_bytes"], tokens) + 2 * tokens * D * act
     out.update({f"{mode}_s": _roofline(flops, io, peak_flops, bandwidth), f"{mode}_flops": float(flops),
                 f"{mode}_io_bytes": float(io)})
   return out
+
+
+def _ffn_weight_bytes_read(spec: FFNSpec, weight_bytes: float, tokens: int) -> float:
+  """A MoE reads at most the experts its tokens route to: all E at large batch, k*tokens when few
+  tokens decode (why expert pruning saves memory more than decode time at small batch)."""
+  if spec.kind != "moe":
+    return weight_bytes
+  return weight_bytes * min(1.0, tokens * spec.top_k / spec.num_experts)
 
 
 def _analytic_fixed(arch: Arch, sc: Scenario, peak_flops: float, bandwidth: float) -> dict[str, float]:

@@ -100,6 +100,9 @@ def compare_at(problem, library, parent_params: Params, ref: Reference, bi: np.n
                       if all(c.key in {d.key for d in library.at(i, sub)} for i in range(n))]
   fits = lambda ch: problem.fits(ch, speedup)
   score = lambda ch: problem.totals(ch)[0]
+  # ShortGPT drops whole blocks: only a baseline when every layer offers no-op candidates (a gpt-oss
+  # search, whose export format has no no-op blocks, turns them off).
+  droppable = all(f"{sub}/noop" in keys(sub) for sub in ("attn", "ffn"))
   try:
     mip_choices = list(problem.solve(speedup).choices)
   except mip.InfeasibleError:
@@ -107,7 +110,7 @@ def compare_at(problem, library, parent_params: Params, ref: Reference, bi: np.n
   out = {}
   for name, choices in (("mip", mip_choices),
                         ("uniform", uniform_choices(n, keys("attn"), keys("ffn"), fits, score)),
-                        ("shortgpt", shortgpt_choices(library.arch, bi, fits))):
+                        ("shortgpt", shortgpt_choices(library.arch, bi, fits) if droppable else None)):
     if choices is None:
       out[name] = {"infeasible": True}
       continue

@@ -118,7 +118,9 @@ class Scorer:
   def _tail_metrics(self, tail_params, h_CxBxLxD, start, ref_logp, tokens_BxL):
     ctx = model.forward_ctx(self.arch, tokens_BxL)
     one = lambda h: token_metrics(tail(self.arch, tail_params, h, start, ctx), ref_logp, tokens_BxL)
-    return jax.lax.map(one, h_CxBxLxD) if self.cfg.candidate_chunk == 1 else jax.vmap(one)(h_CxBxLxD)
+    # MoE tails map: ragged_dot has no vmap rule for shared (unbatched) expert weights.
+    moe = any(b.ffn.kind == "moe" for b in self.arch.blocks)
+    return jax.lax.map(one, h_CxBxLxD) if self.cfg.candidate_chunk == 1 or moe else jax.vmap(one)(h_CxBxLxD)
 
   def score(self, library: "Any", tokens_NxL: np.ndarray, *, progress: bool = True) -> dict[str, dict]:
     """Metrics for every candidate of `library` (a library.Library) on held-out tokens."""
