@@ -125,5 +125,9 @@ case "${1:-}" in
     run timeout 300 python3 -m puzzle_jax.harness measure --parent benchmarks/data/fusion_unfused \
       --child benchmarks/data/fusion_fused --random-weights --out "$OUT/fusion_measure.json"
     ;;
-  *) echo "usage: $0 a|c|d|e|f|g|h|k|decode|infer|fusion|fusion2"; exit 2 ;;
+  multi)  # issue 26: BLD (candidate axis) and GKD (data + FSDP) steps, TP fused FFN: every visible GPU vs one,
+    # each row checked against the 1-device result before it is timed (run on nvidia-h200-x2)
+    run timeout 300 python3 benchmarks/multi_gpu.py --out "$OUT/multi_gpu.json"
+    ;;
+  *) echo "usage: $0 a|c|d|e|f|g|h|k|decode|infer|fusion|fusion2|multi"; exit 2 ;;
 esac
