@@ -50,7 +50,7 @@ from puzzle_jax.search import realize
 from puzzle_jax.search import scoring
 from puzzle_jax.search import select as search
 from puzzle_jax.core.arch import Arch, AttnSpec, FFNSpec, RopeSpec, spec_from_key
-from puzzle_jax.workdir import write_json
+from puzzle_jax.artifacts import write_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOLLM2_ARCH = REPO / "benchmarks" / "data" / "smollm2_parent"
