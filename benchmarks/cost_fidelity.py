@@ -16,6 +16,7 @@ import json
 import pathlib
 
 from puzzle_jax.search import costs
+from puzzle_jax.core import hf_config
 from puzzle_jax.core.arch import Arch, AttnSpec, FFNSpec, uniform_arch
 
 HERE = pathlib.Path(__file__).parent
@@ -47,7 +48,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--out", default=None)
   ap.add_argument("--families", default="smollm2,llama8b", help="which parent/child pairs to measure")
   args = ap.parse_args(argv)
-  smol_child = Arch.from_hf_config(json.loads((HERE / "data" / "smollm2_cpu_child_arch.json").read_text()))
+  smol_child = hf_config.arch_from_hf(json.loads((HERE / "data" / "smollm2_cpu_child_arch.json").read_text()))
   smol_parent = dataclasses.replace(smol_child, blocks=(smol_child.blocks[0],) * smol_child.num_layers)
   p8, c8 = llama8b_child(2 if args.quick else 32)
   if args.quick:

@@ -13,13 +13,13 @@ import sys
 import jax
 import numpy as np
 
+from puzzle_jax.core import hf_config
 from puzzle_jax.core import model
-from puzzle_jax.core.arch import Arch
 from puzzle_jax.export.nemotron_nas import export
 
 
 def main(src: str, out: str) -> pathlib.Path:
-  arch = Arch.from_hf_config(json.loads((pathlib.Path(src) / "config.json").read_text()))
+  arch = hf_config.arch_from_hf(json.loads((pathlib.Path(src) / "config.json").read_text()))
   rng = np.random.default_rng(0)
   abstract = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch))
   draw = lambda x: (np.ones(x.shape, np.float32) if len(x.shape) == 1 else

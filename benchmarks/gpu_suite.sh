@@ -121,7 +121,7 @@ case "${1:-}" in
     run timeout 200 python3 -m puzzle_jax.harness costs --arch-from benchmarks/data/fusion_fused \
       --keys attn/gqa_kv3,attn/noop,ffn/swiglu_1536,ffn/swiglu_6144,ffn/noop --batch 4 --prompt-len 128 \
       --gen-len 64 --check-whole --out "$OUT/fusion_costs_torch.json"
-    run python3 -c "import json; from puzzle_jax.core.arch import Arch; from puzzle_jax.search import costs; t = costs.load_cost_table('$OUT/fusion_costs_torch.json'); p = {n: costs.predicted_totals(Arch.from_hf_config(json.load(open(f'benchmarks/data/fusion_{n}/config.json'))), t)['decode_s'] for n in ('unfused', 'fused')}; print('predicted decode speedup fused/unfused', p['unfused'] / p['fused'], p)"
+    run python3 -c "import json; from puzzle_jax.core import hf_config; from puzzle_jax.search import costs; t = costs.load_cost_table('$OUT/fusion_costs_torch.json'); p = {n: costs.predicted_totals(hf_config.arch_from_hf(json.load(open(f'benchmarks/data/fusion_{n}/config.json'))), t)['decode_s'] for n in ('unfused', 'fused')}; print('predicted decode speedup fused/unfused', p['unfused'] / p['fused'], p)"
     run timeout 300 python3 -m puzzle_jax.harness measure --parent benchmarks/data/fusion_unfused \
       --child benchmarks/data/fusion_fused --random-weights --out "$OUT/fusion_measure.json"
     ;;

@@ -13,7 +13,7 @@ import sys
 
 from puzzle_jax import export
 from puzzle_jax.search import realize
-from puzzle_jax.core.arch import Arch
+from puzzle_jax.core import hf_config
 
 
 def main(solution: str, parent_dir: str, target: str, out: str) -> pathlib.Path:
@@ -22,7 +22,7 @@ def main(solution: str, parent_dir: str, target: str, out: str) -> pathlib.Path:
   if not entries:
     raise SystemExit(f"{solution}: no feasible Pareto entry at target {target} "
                      f"(have {[p['target_speedup'] for p in doc['pareto']]})")
-  parent = Arch.from_hf_config(json.loads((pathlib.Path(parent_dir) / "config.json").read_text()))
+  parent = hf_config.arch_from_hf(json.loads((pathlib.Path(parent_dir) / "config.json").read_text()))
   child = realize.child_arch(parent, [tuple(c) for c in entries[0]["choices"]])
   path = export.export_config(child, out, code=False)  # the harness brings the modeling code
   print(f"{path}: predicted decode speedup {entries[0]['predicted_decode_speedup']:.3f}x")

@@ -49,6 +49,7 @@ from puzzle_jax.search import mip
 from puzzle_jax.search import realize
 from puzzle_jax.search import scoring
 from puzzle_jax.search import select as search
+from puzzle_jax.core import hf_config
 from puzzle_jax.core.arch import Arch, AttnSpec, FFNSpec, RopeSpec, spec_from_key
 from puzzle_jax.artifacts import write_json
 
@@ -70,7 +71,7 @@ def llama31_8b() -> Arch:
 
 
 def load_arch(export_dir: str | os.PathLike) -> Arch:
-  return Arch.from_hf_config(_config(export_dir))
+  return hf_config.arch_from_hf(_config(export_dir))
 
 
 def _config(export_dir: str | os.PathLike) -> dict[str, Any]:

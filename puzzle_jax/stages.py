@@ -612,7 +612,7 @@ def generate(config) -> str:
 def export(config) -> pathlib.Path:
   """The parent, the child or a checkpoint -> HF directory (refuses a directory it did not create)."""
   import warnings
-  from puzzle_jax.core import hf_gpt_oss
+  from puzzle_jax.core import hf_config, hf_gpt_oss
   from puzzle_jax.export import engines, gpt_oss_puzzle, nemotron_nas
   which = config.export.checkpoint
   arch, params = resolve_checkpoint(config, which)
@@ -627,7 +627,7 @@ def export(config) -> pathlib.Path:
     return path
   engine = config.export.engine
   if engine == "transformers":
-    for issue in nemotron_nas.check_nemotron_nas_config(arch.to_hf_config()):
+    for issue in nemotron_nas.check_nemotron_nas_config(hf_config.arch_to_hf(arch)):
       warnings.warn(f"vLLM/TensorRT-LLM compatibility (set export.engine to check strictly): {issue}")
   try:
     path = nemotron_nas.export(arch, params, out, tokenizer=tokenizer_for(config), dtype=config.export.dtype,

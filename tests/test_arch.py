@@ -1,13 +1,17 @@
 """Architecture data: accounting (params, KV bytes from head_dim, FLOPs) and HF config I/O."""
 
+import ast
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
 
 from puzzle_jax.core import hf_config
 from puzzle_jax.core import model
-from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, FFNSpec, spec_from_key, uniform_arch, variant_key
+from puzzle_jax.core.arch import ArchError, AttnSpec, FFNSpec, spec_from_key, uniform_arch, variant_key
 
 
 def test_kv_bytes_use_head_dim_not_hidden_over_heads():
@@ -67,15 +71,15 @@ DECI = {
 
 
 def test_block_configs_round_trip():
-  arch = Arch.from_hf_config(DECI)
+  arch = hf_config.arch_from_hf(DECI)
   assert arch.blocks[0].attn.num_kv_heads == 8 and arch.blocks[0].ffn.intermediate_size == 28672
   assert arch.blocks[1].attn.kind == "noop" and arch.blocks[1].ffn.intermediate_size == 14336
   assert arch.blocks[2].attn.window == 4096 and arch.blocks[2].ffn.kind == "linear"
   assert arch.blocks[3].attn.kind == arch.blocks[3].ffn.kind == "noop"
   assert arch.rope.rope_type == "llama3" and arch.rope.factor == 8.0
-  again = Arch.from_hf_config(json.loads(json.dumps(arch.to_hf_config())))
+  again = hf_config.arch_from_hf(json.loads(json.dumps(hf_config.arch_to_hf(arch))))
   assert again == arch
-  for got, want in zip(arch.to_hf_config()["block_configs"], DECI["block_configs"]):
+  for got, want in zip(hf_config.arch_to_hf(arch)["block_configs"], DECI["block_configs"]):
     for sub in ("attention", "ffn"):
       for k, v in want[sub].items():
         assert got[sub][k] == v, (sub, k)
@@ -86,9 +90,9 @@ def test_both_rope_spellings_and_newer_block_keys():
                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 8192}}
   del new["rope_theta"], new["rope_scaling"]
-  assert Arch.from_hf_config(new) == Arch.from_hf_config(DECI)
+  assert hf_config.arch_from_hf(new) == hf_config.arch_from_hf(DECI)
   blocks = [{"attention": {"num_key_value_heads": 8}, "ffn": {"intermediate_size": 28672}}] * 2
-  a = Arch.from_hf_config({**DECI, "block_configs": blocks})
+  a = hf_config.arch_from_hf({**DECI, "block_configs": blocks})
   assert a.blocks[0].attn.num_kv_heads == 8 and a.blocks[0].ffn.intermediate_size == 28672
 
 
@@ -97,17 +101,17 @@ def test_param_count_matches_created_params_for_deci():
            "block_configs": [{"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 6.0}},
                              {"attention": {"replace_with_linear": True}, "ffn": {"no_op": True}},
                              {"attention": {"no_op": True}, "ffn": {"ffn_mult": 12.0}}]}
-  arch = Arch.from_hf_config(small)
+  arch = hf_config.arch_from_hf(small)
   params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), arch))
   assert model.count_params(params) == arch.num_params()
 
 
 def test_unknown_architecture_and_missing_keys():
   with pytest.raises(ArchError, match="unsupported architecture"):
-    Arch.from_hf_config({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "hidden_size": 8,
-                         "num_attention_heads": 2})
+    hf_config.arch_from_hf({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "hidden_size": 8,
+                            "num_attention_heads": 2})
   with pytest.raises(ArchError, match="vocab_size"):
-    Arch.from_hf_config({k: v for k, v in DECI.items() if k != "vocab_size"})
+    hf_config.arch_from_hf({k: v for k, v in DECI.items() if k != "vocab_size"})
 
 
 def test_ffn_mult_rule():
@@ -116,3 +120,24 @@ def test_ffn_mult_rule():
     m = hf_config.intermediate_size_to_ffn_mult(size, 4096)
     assert hf_config.ffn_mult_to_intermediate_size(m, 4096) == size
   assert hf_config.intermediate_size_to_ffn_mult(100, 4096) is None
+
+
+def test_arch_does_not_import_hf_config():
+  # arch is the bottom of the core: hf_config (and hf_gpt_oss) import it, never the other way round.
+  # `puzzle_jax/__init__.py` itself imports io and hf_config (for `pj.arch_from_hf`), so the fresh
+  # interpreter registers the package without running its __init__ and then imports arch alone.
+  import puzzle_jax
+  root = str(pathlib.Path(puzzle_jax.__file__).parent)
+  code = ("import sys, types; pkg = types.ModuleType('puzzle_jax'); pkg.__path__ = [sys.argv[1]]; "
+          "sys.modules['puzzle_jax'] = pkg; import puzzle_jax.core.arch; "
+          "print(sorted(m for m in sys.modules if m.startswith('puzzle_jax')))")
+  out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True, timeout=120)
+  loaded = eval(out.stdout.strip())
+  assert "puzzle_jax.core.arch" in loaded, loaded
+  assert "puzzle_jax.core.hf_config" not in loaded, loaded
+  assert loaded == ["puzzle_jax", "puzzle_jax.core", "puzzle_jax.core.arch"], loaded
+  # Nor lazily, inside a function (the old HF-config methods on `Arch` did that: an import cycle).
+  tree = ast.parse((pathlib.Path(root) / "core" / "arch.py").read_text())
+  imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+  imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+  assert not [m for m in imported if m.startswith("puzzle_jax")], imported

@@ -21,6 +21,7 @@ import transformers
 
 from puzzle_jax import export as ex
 from puzzle_jax.export import hf_export
+from puzzle_jax.core import hf_config
 from puzzle_jax.core import model
 from puzzle_jax.core import names
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
@@ -133,10 +134,10 @@ def test_export_config_is_the_export_without_weights(hetero, tmp_path):
   for fname in files:  # byte for byte what `export` writes beside its weights
     assert (out / fname).read_bytes() == (full / fname).read_bytes(), fname
   cfg = json.loads((out / "config.json").read_text())
-  assert Arch.from_hf_config(cfg) == arch
+  assert hf_config.arch_from_hf(cfg) == arch
   plain = ex.export_config(llama_arch(), tmp_path / "plain")  # the external-loader check needs no parallel group
   assert ex.check_nemotron_nas_config(json.loads((plain / "config.json").read_text())) == []
-  assert Arch.from_hf_config(json.loads((plain / "config.json").read_text())) == llama_arch()
+  assert hf_config.arch_from_hf(json.loads((plain / "config.json").read_text())) == llama_arch()
   bare = ex.export_config(llama_arch(), tmp_path / "bare", code=False)  # what benchmarks/data commits
   assert sorted(p.name for p in bare.iterdir()) == ["config.json", "generation_config.json"]
   ex.export(arch, params, out, dtype="float32")  # a config-only dir is an earlier export: replaced
@@ -270,7 +271,7 @@ def test_plain_llama_loads_in_shipped_code_and_transformers_llama(tmp_path):
 def read_export(path: pathlib.Path) -> tuple[Arch, dict]:
   from safetensors import safe_open
   cfg = json.loads((path / "config.json").read_text())
-  arch = Arch.from_hf_config(cfg)
+  arch = hf_config.arch_from_hf(cfg)
   index = path / "model.safetensors.index.json"
   files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
            else ["model.safetensors"])
@@ -362,20 +363,20 @@ def test_check_nemotron_nas_config():
       B(AttnSpec("noop"), FFNSpec("linear")),
       B(AttnSpec("gqa", num_kv_heads=4), FFNSpec("noop")),
   ), rope=RopeSpec(theta=500000.0, rope_type="llama3", factor=8.0))
-  assert ex.check_nemotron_nas_config(clean.to_hf_config()) == []
+  assert ex.check_nemotron_nas_config(hf_config.arch_to_hf(clean)) == []
 
   odd = clean.replace_block(1, ffn=FFNSpec("swiglu", 640))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
-    problems = ex.check_nemotron_nas_config(odd.to_hf_config())
+    problems = ex.check_nemotron_nas_config(hf_config.arch_to_hf(odd))
   assert len(problems) == 1 and "block_configs[1]" in problems[0] and "640" in problems[0], problems
 
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
-    problems = ex.check_nemotron_nas_config(hetero_child().to_hf_config())
+    problems = ex.check_nemotron_nas_config(hf_config.arch_to_hf(hetero_child()))
   assert any("parallel_group" in p for p in problems)
 
-  cfg = clean.to_hf_config()
+  cfg = hf_config.arch_to_hf(clean)
   del cfg["rope_theta"], cfg["block_configs"][0]["attention"]["n_heads_in_group"]
   cfg["block_configs"][3]["attention"]["n_heads_in_group"] = 3
   problems = ex.check_nemotron_nas_config(cfg)

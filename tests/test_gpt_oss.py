@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from puzzle_jax import io
-from puzzle_jax.core import model, names
-from puzzle_jax.core.arch import Arch, AttnSpec, spec_from_key, variant_key
+from puzzle_jax.core import hf_config, model, names
+from puzzle_jax.core.arch import AttnSpec, spec_from_key, variant_key
 from puzzle_jax.moe import layer as moe_layer
 from puzzle_jax.moe import mxfp4
 from tests.gpt_oss_fixtures import hf_gpt_oss
@@ -137,11 +137,11 @@ def test_window_at_least_sequence_equals_full_attention(hf_dir):
 def test_config_round_trip_and_keys(hf_dir):
   _, d = hf_dir
   arch, _ = io.load_pretrained(d)
-  cfg = arch.to_hf_config()
+  cfg = hf_config.arch_to_hf(arch)
   assert cfg["model_type"] == "gpt_oss_puzzle"
   assert [b["sliding_window"] for b in cfg["block_configs"]] == [4, None, 4]
   assert cfg["rope_parameters"]["rope_type"] == "yarn" and "rope_scaling" not in cfg
-  assert Arch.from_hf_config(json.loads(json.dumps(cfg))) == arch
+  assert hf_config.arch_from_hf(json.loads(json.dumps(cfg))) == arch
   for b in arch.blocks:
     assert spec_from_key(variant_key(b.attn)) == b.attn and spec_from_key(variant_key(b.ffn)) == b.ffn
 

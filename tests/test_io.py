@@ -15,6 +15,7 @@ import torch
 from safetensors.numpy import save_file
 
 from puzzle_jax import io
+from puzzle_jax.core import hf_config
 from puzzle_jax.core import model
 from puzzle_jax.core import names
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec, uniform_arch
@@ -202,7 +203,7 @@ def hetero_arch() -> Arch:
 
 def write_hf_dir(path, arch: Arch, params, edit_flat=None):
   path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(json.dumps(arch.to_hf_config(dtype="float32")))
+  (path / "config.json").write_text(json.dumps(hf_config.arch_to_hf(arch, dtype="float32")))
   flat = {k: np.asarray(v) for k, v in names.flatten(params).items()}
   if edit_flat:
     edit_flat(flat)
@@ -483,7 +484,7 @@ def test_checkpoint_incomplete_or_mismatched(tmp_path):
     io.load_checkpoint(tmp_path / "ckpt")
   # An arch.json that disagrees with the saved params is caught by the same strict check.
   other = arch.replace_block(0, ffn=FFNSpec("swiglu", 128))
-  (tmp_path / "ckpt" / io.ARCH_FILE).write_text(json.dumps(other.to_hf_config()))
+  (tmp_path / "ckpt" / io.ARCH_FILE).write_text(json.dumps(hf_config.arch_to_hf(other)))
   with pytest.raises(io.LoadError, match=r"params: tensor 'model.layers.0.mlp.(gate|up|down)_proj"):
     io.load_checkpoint(tmp_path / "ckpt")
   with pytest.raises(io.LoadError, match=r"params passed to save_checkpoint: tensor .* has shape"):

@@ -1,8 +1,10 @@
-"""Architecture as plain frozen data, with exact accounting and HF config I/O.
+"""Architecture as plain frozen data, with exact accounting.
 
 A model is a tuple of per-layer `BlockSpec`s, each holding an attention and an FFN
 sub-block spec. Everything here is hashable, so an `Arch` can be a static argument
-of `jax.jit`. Params are separate pytrees (see `puzzle_jax.core.model`).
+of `jax.jit`. Params are separate pytrees (see `puzzle_jax.core.model`); the HF config.json
+mapping is `puzzle_jax.core.hf_config` (`arch_from_hf`, `arch_to_hf`), which imports this module,
+never the other way round.
 
 Axis legend used across the package:
   B batch, L sequence (queries), S keys / cache slots, D hidden, N query heads,
@@ -183,16 +185,6 @@ class Arch:
                  f"KV {self.kv_bytes_per_token():,} B/token bf16; "
                  f"decode {self.flops_per_token(1024) / 1e6:.1f} MFLOP/token @1024")
     return "\n".join(lines)
-
-  # ---------------------------------------------------------------- HF config I/O
-  @classmethod
-  def from_hf_config(cls, cfg: dict[str, Any]) -> Arch:
-    from puzzle_jax.core import hf_config
-    return hf_config.arch_from_hf(cfg)
-
-  def to_hf_config(self, *, dtype: str = "bfloat16") -> dict[str, Any]:
-    from puzzle_jax.core import hf_config
-    return hf_config.arch_to_hf(self, dtype=dtype)
 
 
 def describe_attn(a: AttnSpec) -> str:

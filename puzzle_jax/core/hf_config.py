@@ -12,6 +12,7 @@ from typing import Any
 
 from puzzle_jax.core import hf_gpt_oss
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec
+from puzzle_jax.core.hf_common import global_fields  # (re-exported)
 
 DECI_ARCH = "DeciLMForCausalLM"
 DECI_MODEL_TYPE = "nemotron-nas"
@@ -155,15 +156,6 @@ def _ffn_to_deci(f: FFNSpec, hidden: int) -> dict[str, Any]:
       mult = round(f.intermediate_size * 3 / (2 * hidden), 6)
   return {"ffn_mult": mult, "intermediate_size": f.intermediate_size if f.kind == "swiglu" else None,
           "no_op": f.kind == "noop", "replace_with_linear": f.kind == "linear", "sparsify": None}
-
-
-def global_fields(arch: Arch) -> dict[str, Any]:
-  """The config.json fields every decoder format shares (sizes, norm eps, tying, special tokens)."""
-  eos = list(arch.eos_token_id) if isinstance(arch.eos_token_id, tuple) else arch.eos_token_id
-  return {"vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size, "num_attention_heads": arch.num_heads,
-          "head_dim": arch.head_dim, "num_hidden_layers": arch.num_layers, "rms_norm_eps": arch.rms_eps,
-          "tie_word_embeddings": arch.tie_embeddings, "max_position_embeddings": arch.max_position,
-          "bos_token_id": arch.bos_token_id, "eos_token_id": eos}
 
 
 def arch_to_hf(arch: Arch, *, dtype: str = "bfloat16") -> dict[str, Any]:

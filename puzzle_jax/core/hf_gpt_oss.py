@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from puzzle_jax.core.arch import Arch, ArchError, AttnSpec, BlockSpec, FFNSpec, RopeSpec
+from puzzle_jax.core.hf_common import global_fields
 
 GPT_OSS_TYPES = ("gpt_oss", "gpt_oss_puzzle")
 PUZZLE_ARCH = "GptOssPuzzleForCausalLM"
@@ -104,7 +105,6 @@ def arch_to_gpt_oss_puzzle(arch: Arch, *, dtype: str = "bfloat16") -> dict[str, 
   blocks = [{"num_local_experts": b.ffn.num_experts, "sliding_window": b.attn.window,
              "num_experts_per_tok": b.ffn.top_k, "intermediate_size": b.ffn.intermediate_size,
              "kv_cache_dtype": "fp8_e4m3" if b.attn.kv_dtype == "fp8" else None} for b in arch.blocks]
-  from puzzle_jax.core.hf_config import global_fields  # hf_config imports this module
   return {
       "architectures": [PUZZLE_ARCH], "model_type": PUZZLE_MODEL_TYPE,
       "auto_map": {"AutoConfig": "configuration_gpt_oss_puzzle.GptOssPuzzleConfig",

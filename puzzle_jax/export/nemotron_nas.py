@@ -1,6 +1,6 @@
 """Export an architecture + params as a Hugging Face directory (nemotron-nas / DeciLM).
 
-The directory holds `config.json` (`Arch.to_hf_config`, the NVIDIA `block_configs` format),
+The directory holds `config.json` (`hf_config.arch_to_hf`, the NVIDIA `block_configs` format),
 safetensors weights under the HF names of `puzzle_jax.core.names` (one `model.safetensors`, or shards plus
 `model.safetensors.index.json` above `max_shard_bytes`), the remote code of `puzzle_jax/hf_export`
 (so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` runs it),
@@ -30,7 +30,7 @@ import numpy as np
 
 from puzzle_jax.export import hf_export
 from puzzle_jax.core.model import expected_shapes  # (re-exported)
-from puzzle_jax.core import model, names
+from puzzle_jax.core import hf_config, model, names
 from puzzle_jax.core.arch import Arch, ArchError, fusable_groups, fuse_ffn_run
 from puzzle_jax.export import engines
 from puzzle_jax.core.hf_config import DECI_ARCH, DECI_MODEL_TYPE, ffn_mult_to_intermediate_size
@@ -235,7 +235,7 @@ def _write_export(arch: Arch, out: pathlib.Path, dtype: str, fill: Callable[[pat
   """Config, generation config, remote code (`code_pkg.FILES` from `code_pkg.DIR`) and whatever
   `fill` adds, written into a temporary directory that is renamed into place (a directory under
   the final name is always complete)."""
-  config = config or {**arch.to_hf_config(dtype=dtype), "auto_map": dict(AUTO_MAP)}
+  config = config or {**hf_config.arch_to_hf(arch, dtype=dtype), "auto_map": dict(AUTO_MAP)}
 
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")

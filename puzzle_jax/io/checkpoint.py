@@ -10,7 +10,7 @@ The GGUF path mirrors transformers' own llama loader (`modeling_gguf_pytorch_uti
 `integrations/ggml.py`): same metadata keys, same dequantization (`gguf.quants.dequantize`), same
 Q/K un-permutation, tied when there is no `output.weight`, so both load bit-identical weights.
 
-Checkpoints are orbax (`params/`) plus `arch.json` (the `Arch.to_hf_config()` dict), written to a
+Checkpoints are orbax (`params/`) plus `arch.json` (the `hf_config.arch_to_hf(arch)` dict), written to a
 hidden temp directory and renamed into place, so a directory under the final name is complete.
 """
 
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from puzzle_jax import artifacts
+from puzzle_jax.core import hf_config
 from puzzle_jax.core import model
 from puzzle_jax.core.model import expected_shapes  # (re-exported)
 from puzzle_jax.core import names
@@ -129,7 +130,7 @@ def read_arch(path: str | pathlib.Path) -> Arch:
   """The architecture of an HF directory, a GGUF file or a project checkpoint, without its weights."""
   path = pathlib.Path(path)
   if (path / ARCH_FILE).is_file():
-    return Arch.from_hf_config(artifacts.read_json(path / ARCH_FILE))
+    return hf_config.arch_from_hf(artifacts.read_json(path / ARCH_FILE))
   if path.is_dir():
     return read_hf_config(path)[0]
   return arch_from_gguf(open_gguf(path), path)
@@ -151,7 +152,7 @@ def read_hf_config(path: pathlib.Path) -> tuple[Arch, dict[str, Any]]:
   except json.JSONDecodeError as e:
     raise LoadError(f"{cfg_path}: not valid JSON ({e}); the file is truncated or corrupt") from e
   try:
-    return Arch.from_hf_config(cfg), cfg
+    return hf_config.arch_from_hf(cfg), cfg
   except ArchError as e:
     raise ArchError(f"{cfg_path}: {e}") from e
 
@@ -382,7 +383,7 @@ def save_checkpoint(ckpt_dir: str | pathlib.Path, arch: Arch, params: Params, *,
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / PARAMS_DIR, params)
       ckptr.wait_until_finished()
-    (tmp / ARCH_FILE).write_text(json.dumps(arch.to_hf_config(dtype=_dtype_name(params)), indent=2))
+    (tmp / ARCH_FILE).write_text(json.dumps(hf_config.arch_to_hf(arch, dtype=_dtype_name(params)), indent=2))
     if ckpt_dir.exists():
       old = ckpt_dir.parent / f".{ckpt_dir.name}.old-{uuid.uuid4().hex[:8]}"
       ckpt_dir.rename(old)
@@ -409,7 +410,7 @@ def load_checkpoint(ckpt_dir: str | pathlib.Path) -> tuple[Arch, Params]:
   if not ocp.utils.is_checkpoint_finalized(params_path):
     raise LoadError(f"{params_path}: orbax save was not finalized; the checkpoint is incomplete")
   try:
-    arch = Arch.from_hf_config(artifacts.read_json(arch_path))
+    arch = hf_config.arch_from_hf(artifacts.read_json(arch_path))
   except ArchError as e:
     raise artifacts.ArtifactError(arch_path, str(e)) from e
   try:

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from puzzle_jax import artifacts
+from puzzle_jax.core import hf_config
 from puzzle_jax.core import model
 from puzzle_jax.core.arch import Arch, spec_from_key
 from puzzle_jax.search import candidates as cands
@@ -65,7 +66,7 @@ def save_library(path: pathlib.Path, arch: Arch, library: Sequence[Candidate], g
     entries.append({"id": c.id, "layer": c.layer, "sub": c.sub, "key": c.key, "loss": loss,
                     "trainable": cands.is_trainable(arch, c), "group": rows.get(c.id)})
   settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
-  artifacts.write_json(path / META, {"format": FORMAT, "arch": arch.to_hf_config(), "bld": settings,
+  artifacts.write_json(path / META, {"format": FORMAT, "arch": hf_config.arch_to_hf(arch), "bld": settings,
                                      "candidates": entries})
 
 
@@ -74,7 +75,7 @@ def load_library(path: pathlib.Path) -> Library:
   import orbax.checkpoint as ocp
   doc = artifacts.read_json(path / META, required=("arch", "candidates"), fmt=FORMAT)
   try:
-    arch = Arch.from_hf_config(doc["arch"])
+    arch = hf_config.arch_from_hf(doc["arch"])
     cs = [Candidate(e["layer"], e["sub"], spec_from_key(e["key"])) for e in doc["candidates"]]
     rows = {e["id"]: tuple(e["group"]) for e in doc["candidates"] if e["group"]}
     losses = {e["id"]: e["loss"] for e in doc["candidates"]}

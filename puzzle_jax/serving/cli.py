@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from puzzle_jax import cost_table
-from puzzle_jax.core.arch import Arch
+from puzzle_jax.core import hf_config
 from puzzle_jax.serving.costs import cost_table_torch, predicted_vs_measured
 from puzzle_jax.serving.load import TORCH_DTYPES, device_default, load_tokenizer, verify_export_code, vocab_size_of
 from puzzle_jax.serving.measure import (FULL, QUICK, RANDOM_WEIGHTS_NOTE, Sizes, compare, device_name, measure_model,
@@ -107,7 +107,7 @@ def cmd_measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_costs(args: argparse.Namespace) -> dict[str, Any]:
   verify_export_code(args.arch_from)
-  arch = Arch.from_hf_config(json.loads((pathlib.Path(args.arch_from) / "config.json").read_text()))
+  arch = hf_config.arch_from_hf(json.loads((pathlib.Path(args.arch_from) / "config.json").read_text()))
   keys = [k for k in args.keys.split(",") if k] if args.keys else cost_table.arch_keys(arch)
   if args.check_whole:  # the parts of this arch must be in the table to predict it
     keys += [k for k in cost_table.arch_keys(arch) if k not in keys]

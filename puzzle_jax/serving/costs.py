@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from puzzle_jax import cost_table
+from puzzle_jax.core import hf_config
 from puzzle_jax.core.arch import DTYPE_BYTES, Arch, AttnSpec, BlockSpec, FFNSpec
 from puzzle_jax.serving.load import TORCH_DTYPES, device_default
 from puzzle_jax.serving.measure import device_name, summary, timed
@@ -31,7 +32,7 @@ def _one_layer(arch: Arch, spec: AttnSpec | FFNSpec, dtype: torch.dtype, device:
   one = dataclasses.replace(arch, blocks=(block,))
   with warnings.catch_warnings():  # widths off the 256 grid warn about vLLM's ffn_mult (irrelevant here)
     warnings.simplefilter("ignore")
-    cfg = configuration_decilm.DeciLMConfig(**one.to_hf_config())
+    cfg = configuration_decilm.DeciLMConfig(**hf_config.arch_to_hf(one))
   layer = modeling_decilm.DeciLMDecoderLayer(cfg, 0)
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
