@@ -745,7 +745,8 @@ _POSITIVE_INTS = ("bld.steps", "bld.batch_size", "bld.seq_len", "bld.checkpoint_
                   "fusion.batch_size", "fusion.max_run", "gkd.steps", "gkd.batch_size", "gkd.seq_len",
                   "gkd.checkpoint_every", "distill_data.num_tokens", "distill_data.batch_size",
                   "distill_data.prompt_len", "distill_data.max_new_tokens", "library.ep_size", "upcycle.top_k",
-                  "upcycle.steps", "upcycle.batch_tokens", "upcycle.calib_seqs", "upcycle.seq_len")
+                  "upcycle.steps", "upcycle.batch_tokens", "upcycle.calib_seqs", "upcycle.seq_len",
+                  "lm_eval.batch_size", "lm_eval.max_length")
 _NON_NEGATIVE = ("bld.warmup_steps", "bld.weight_decay", "bld.ridge", "parent.max_layers", "mip.max_params",
                  "mip.target_decode_speedup", "mip.target_prefill_speedup", "mip.max_memory_gb",
                  "generate.temperature", "fusion.start", "fusion.stop", "fusion.threshold",
