@@ -20,7 +20,7 @@ from puzzle_jax.core.arch import Arch
 GB = 1 << 30
 _IMPORT_S_PER_PARAM = 25e-9  # GGUF dequantize / safetensors read, numpy on one core
 _SAVE_BYTES_PER_S = 250e6  # orbax write of a checkpoint
-_MIP_S_PER_SOLVE = 0.25  # HiGHS on a few hundred binaries, with CVXPY's canonicalization
+_MIP_S_PER_SOLVE = 0.1  # HiGHS on a few hundred binaries, with CVXPY's canonicalization
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +100,14 @@ def stage_seconds(arch: Arch, p: Probe, w: Work) -> dict[str, float]:
               * (1 + per_layer_candidates) + 2 * weights / _SAVE_BYTES_PER_S),
       "score": (p.compile_s * (n + 1)
                 + w.candidates / 2 * _fwd_s(arch, p, s["num_seqs"] * s["seq_len"], s["seq_len"])),
-      "costs": (0.1 if w.costs_backend == "analytic" else 4 * w.variants * p.compile_s / max(n, 1)),
+      # measure: a prefill and a decode program compiled and calibrated per variant.
+      "costs": (0.1 if w.costs_backend == "analytic" else 16 * w.variants * p.compile_s / max(n, 1)),
       "mip": _MIP_S_PER_SOLVE * (1 + w.sweep),
-      "realize": 1.0 + 2 * weights / _SAVE_BYTES_PER_S,
+      "realize": 0.3 + 2 * weights / _SAVE_BYTES_PER_S,
       "distill-data": _distill_data_s(arch, p, w.distill_data),
-      # GKD: teacher forward + student forward and backward (~4 forwards) per step, three compiles.
-      "gkd": 3 * p.compile_s + w.gkd["steps"] * 4 * _fwd_s(arch, p, w.gkd["batch_size"] * w.gkd["seq_len"],
+      # GKD: teacher forward + student forward and backward (~4 forwards) per step; the step, the
+      # before/after evaluation and the checkpoint restore compile about a dozen forward-sized programs.
+      "gkd": 12 * p.compile_s + w.gkd["steps"] * 4 * _fwd_s(arch, p, w.gkd["batch_size"] * w.gkd["seq_len"],
                                                            w.gkd["seq_len"]),
       "evaluate": ((1 + 3 * w.sweep) * (p.compile_s + _fwd_s(arch, p, e["num_seqs"] * e["seq_len"], e["seq_len"]))
                    + _lm_eval_s(arch, p, w.lm_eval_requests)),
@@ -116,7 +118,7 @@ def _distill_data_s(arch: Arch, p: Probe, d: Mapping[str, Any]) -> float:
   """Decoding is one token per row per step: each step costs about a forward of `batch_size` tokens."""
   shards = -(-d["num_tokens"] // (d["batch_size"] * d["max_new_tokens"]))
   step = _fwd_s(arch, p, d["batch_size"], 1)
-  return 2 * p.compile_s + shards * (d["max_new_tokens"] * step + _fwd_s(arch, p, d["batch_size"] * d["prompt_len"],
+  return 5 * p.compile_s + shards * (d["max_new_tokens"] * step + _fwd_s(arch, p, d["batch_size"] * d["prompt_len"],
                                                                         d["prompt_len"]))
 
 
